@@ -1,0 +1,55 @@
+"""`tinymoe eval`: validation loss, perplexity and bits per byte of a checkpoint."""
+
+from __future__ import annotations
+
+import click
+
+from tinymoe.cli.common import UserError, print_json, user_errors
+
+
+def held_out_tokens(manifest, tokenizer, data):
+    """Tokens to score: all of `data` if given, else the checkpoint's own validation split."""
+    import numpy as np
+
+    from tinymoe.config import TrainConfig, from_dict
+    from tinymoe.data import read_documents, tokenize_documents
+    from tinymoe.train import cache_dir, prepare_data
+
+    if data:
+        docs = read_documents(list(data))
+        return np.asarray(tokenize_documents(docs, tokenizer, cache_dir() / "tokens").tokens), "given data"
+    train_cfg = from_dict(TrainConfig, manifest.get("train", {}), "checkpoint train config")
+    run_data = prepare_data(train_cfg, tokenizer)
+    if run_data.val_tokens.size == 0:
+        raise UserError("the checkpoint's run has no validation split; pass --data")
+    return run_data.val_tokens, "validation split"
+
+
+@click.command("eval")
+@click.argument("checkpoint", type=click.Path())
+@click.option("--data", multiple=True, help="Text to evaluate on (default: the run's validation split).")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-batches", default=None, type=click.IntRange(min=1), help="Stop after N batches.")
+@click.option("--moe-dispatch", "dispatch", default="auto", show_default=True,
+              type=click.Choice(["auto", "dense", "gather", "grouped", "metal"]))
+@click.option("--json", "as_json", is_flag=True, help='Print {"loss", "ppl", "bits_per_byte", "tokens"}.')
+@user_errors
+def eval_cmd(checkpoint, data, batch_size, max_batches, dispatch, as_json):
+    """Score CHECKPOINT on held-out text: loss (nats/token), perplexity, bits per byte."""
+    from tinymoe.evaluate import evaluate
+    from tinymoe.loader import load_model
+
+    model, manifest, tokenizer, ckpt = load_model(checkpoint, dispatch)
+    tokens, what = held_out_tokens(manifest, tokenizer, data)
+    model.train(False)
+    result = evaluate(model, tokens, tokenizer.token_byte_lengths(), batch_size, model.cfg.context, max_batches)
+    if result["tokens"] == 0:
+        raise UserError(f"{what} is shorter than one context window ({model.cfg.context + 1} tokens)")
+    if as_json:
+        print_json(result)
+        return
+    click.echo(f"checkpoint      {ckpt} (step {manifest['step']})")
+    click.echo(f"data            {what}, {result['tokens']:,} tokens scored")
+    click.echo(f"loss            {result['loss']:.4f} nats/token")
+    click.echo(f"perplexity      {result['ppl']:.3f}")
+    click.echo(f"bits per byte   {result['bits_per_byte']:.4f}")

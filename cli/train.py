@@ -1,0 +1,174 @@
+"""`tinymoe train`: a preset plus flag overrides -> a run directory with checkpoints and logs."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import click
+
+from tinymoe.cli.common import UserError, print_json, user_errors
+
+# flag name -> (config section, type, help). Every flag defaults to None = "keep the preset's".
+MODEL_FLAGS = {
+    "moe_experts": (int, "Experts per MoE layer (1 = dense model)."),
+    "moe_topk": (int, "Experts each token is routed to."),
+    "expert_hidden": (int, "Hidden width of one expert (default: d_ff)."),
+    "moe_every": (int, "MoE in every Nth layer (1 = every layer)."),
+    "moe_first_dense": (int, "Keep the first N layers dense."),
+    "aux_loss_weight": (float, "Weight of the load-balancing loss."),
+    "z_loss_weight": (float, "Weight of the router z-loss."),
+    "d_model": (int, "Model width."),
+    "n_layers": (int, "Transformer blocks."),
+    "n_heads": (int, "Attention heads."),
+    "n_kv_heads": (int, "Key/value heads (grouped-query attention)."),
+    "d_ff": (int, "Hidden width of a dense FFN."),
+    "context": (int, "Context length in tokens."),
+}
+TRAIN_FLAGS = {
+    "steps": (int, "Optimizer steps in total (with --resume: the new total)."),
+    "batch_size": (int, "Sequences per micro-batch."),
+    "grad_accum": (int, "Micro-batches per optimizer step."),
+    "lr": (float, "Peak learning rate."),
+    "warmup_steps": (int, "Linear warmup steps."),
+    "eval_every": (int, "Validate every N steps (0 = only at the end)."),
+    "save_every": (int, "Checkpoint every N steps (0 = only at the end)."),
+    "log_every": (int, "Write metrics.jsonl every N steps."),
+    "seed": (int, "Random seed (weights, batches)."),
+    "tokenizer": (str, "bytes (default) or sp:N, a sentencepiece BPE of vocab N trained on the data."),
+}
+# Settings that do not change what is computed, so a resumed run may change them.
+RESUME_MAY_CHANGE = {"steps", "eval_every", "save_every", "log_every", "dispatch", "eval_batches"}
+
+
+def _flag_options(fn):
+    for name, (typ, help_text) in reversed(list({**MODEL_FLAGS, **TRAIN_FLAGS}.items())):
+        fn = click.option("--" + name.replace("_", "-"), name, type=typ, default=None, help=help_text)(fn)
+    return fn
+
+
+@click.command()
+@click.option("--preset", default="tiny", show_default=True, help="Preset name (see presets/) or a .toml path.")
+@click.option("--data", multiple=True, help="Text file, directory, glob, JSONL, or DOMAIN=PATH; repeatable. "
+              "Default: the bundled corpus.")
+@click.option("--out", type=click.Path(file_okay=False), help="Run directory to create.")
+@click.option("--resume", type=click.Path(), help="Continue a run from its latest (or this) checkpoint.")
+@click.option("--router-norm/--no-router-norm", default=None, help="Renormalise top-k gates to sum to 1.")
+@click.option("--moe-dispatch", "dispatch", type=click.Choice(["auto", "dense", "gather", "grouped", "metal"]),
+              default=None, help="MoE dispatch backend (auto picks the fastest for this device).")
+@_flag_options
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Any other [model] or [train] setting, e.g. --set rope_theta=50000.")
+@click.option("--keep", default=0, show_default=True, help="Older step checkpoints to keep besides the latest.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run in --out.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+@click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
+@user_errors
+def train(preset, data, out, resume, router_norm, dispatch, sets, keep, overwrite, quiet, as_json, **flags):
+    """Train a (Mixture-of-Experts) language model and write checkpoints to --out."""
+    from tinymoe.config import ModelConfig, TrainConfig, apply_overrides, load_preset, validate
+
+    model_over = {k: v for k, v in flags.items() if k in MODEL_FLAGS and v is not None}
+    train_over = {k: v for k, v in flags.items() if k in TRAIN_FLAGS and v is not None}
+    if router_norm is not None:
+        model_over["router_norm"] = router_norm
+    if dispatch is not None:
+        train_over["dispatch"] = dispatch
+    if data:
+        train_over["data"] = list(data)
+    _split_sets(sets, model_over, train_over)
+
+    if resume:
+        return _resume(resume, out, model_over, train_over, keep, quiet, as_json)
+    if not out:
+        raise UserError("--out is required (the run directory to create), or use --resume DIR")
+    model_cfg, train_cfg = load_preset(preset)
+    model_cfg = apply_overrides(model_cfg, model_over, "flag")
+    train_cfg = apply_overrides(train_cfg, train_over, "flag")
+    validate(model_cfg, train_cfg)
+    run_dir = _prepare_out(Path(out), overwrite)
+    _run(model_cfg, train_cfg, run_dir, None, keep, quiet, as_json)
+
+
+def _split_sets(sets, model_over, train_over):
+    from tinymoe.config import ModelConfig, TrainConfig
+
+    for item in sets:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise UserError(f"--set expects KEY=VALUE, got '{item}'")
+        value = _parse_value(raw)
+        if key in ModelConfig.__dataclass_fields__:
+            model_over[key] = value
+        elif key in TrainConfig.__dataclass_fields__:
+            train_over[key] = value
+        else:
+            raise UserError(f"--set: unknown setting '{key}'")
+
+
+def _parse_value(raw: str):
+    import tomllib
+
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw  # a bare string
+
+
+def _prepare_out(run_dir: Path, overwrite: bool) -> Path:
+    if run_dir.exists() and any(run_dir.iterdir()):
+        is_run = (run_dir / "checkpoints").is_dir() or (run_dir / "metrics.jsonl").exists()
+        if not overwrite:
+            raise UserError(f"{run_dir} already exists and is not empty; use --resume {run_dir} to continue "
+                            f"or --overwrite to replace it")
+        if not is_run:
+            raise UserError(f"{run_dir} is not a tinymoe run directory; refusing to overwrite it")
+        shutil.rmtree(run_dir)
+    return run_dir
+
+
+def _resume(path, out, model_over, train_over, keep, quiet, as_json):
+    from tinymoe.config import ModelConfig, TrainConfig, apply_overrides, from_dict, validate
+    from tinymoe.train import load_resume_state
+
+    state = load_resume_state(path)
+    m = state["manifest"]
+    model_cfg = from_dict(ModelConfig, m["model"], "checkpoint model config")
+    train_cfg = from_dict(TrainConfig, m["train"], "checkpoint train config")
+    for key, value in {**model_over, **train_over}.items():
+        saved = getattr(model_cfg if key in model_over else train_cfg, key)
+        if key not in RESUME_MAY_CHANGE and value != saved:
+            raise UserError(f"cannot change '{key}' when resuming (checkpoint has {saved!r}, flag gives {value!r})")
+    train_cfg = apply_overrides(train_cfg, {k: v for k, v in train_over.items() if k in RESUME_MAY_CHANGE}, "flag")
+    validate(model_cfg, train_cfg)
+    if m["step"] >= train_cfg.steps:
+        raise UserError(f"checkpoint is already at step {m['step']} of {train_cfg.steps}; pass a larger --steps")
+    ckpt = state["ckpt"]
+    run_dir = Path(out) if out else (ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent)
+    _run(model_cfg, train_cfg, run_dir, state, keep, quiet, as_json)
+
+
+def _run(model_cfg, train_cfg, run_dir, resume, keep, quiet, as_json):
+    from tinymoe.model import count_params
+    from tinymoe.train import Trainer
+
+    trainer = Trainer(model_cfg, train_cfg, run_dir, resume=resume, progress=not quiet, keep=keep)
+    params = count_params(trainer.model)
+    if not quiet:
+        kind = (f"MoE {model_cfg.moe_experts} experts top-{model_cfg.moe_topk}" if model_cfg.is_moe else "dense")
+        click.echo(f"model: {kind}, {model_cfg.n_layers} layers, d_model {model_cfg.d_model}, "
+                   f"params {params['total']:,} total / {params['active']:,} active per token", err=True)
+        click.echo(f"data: {trainer.data.train_tokens.size:,} train / {trainer.data.val_tokens.size:,} val tokens "
+                   f"({', '.join(trainer.data.domain_names)}); dispatch {trainer.model.dispatch}"
+                   f"{'' if trainer.compiled else ' (eager)'}; run dir {run_dir}", err=True)
+    try:
+        summary = trainer.run()
+    except KeyboardInterrupt:
+        raise UserError(f"interrupted at step {trainer.step}; resume with: tinymoe train --resume {run_dir}")
+    summary["run_dir"] = str(run_dir)
+    if as_json:
+        print_json(summary)
+    elif not quiet:
+        val = summary["val_loss"]
+        click.echo(f"done: step {summary['step']}, train loss {summary['train_loss']:.4f}"
+                   + (f", val loss {val:.4f}" if val is not None else "") + f" -> {run_dir}", err=True)

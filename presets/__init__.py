@@ -1,0 +1,1 @@
+"""Training presets as TOML data files (`[model]` and `[train]` tables); see tinymoe.config."""

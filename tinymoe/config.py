@@ -1,0 +1,200 @@
+"""Model and training configuration: dataclasses, TOML presets, checked overrides.
+
+A preset is a TOML file with a `[model]` and a `[train]` table (see presets/). Flags and
+`key=value` overrides are applied on top with `apply_overrides`, which rejects unknown keys and
+wrong types; `validate` rejects impossible combinations. Every problem is a one-line
+`TinyMoeError`, which the CLI reports with exit code 2. No MLX import here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from tinymoe.errors import TinyMoeError
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 256
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 4  # grouped-query attention when < n_heads
+    context: int = 256  # maximum sequence length (tokens)
+    d_ff: int = 512  # hidden size of a dense SwiGLU FFN
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    # Mixture of experts. moe_experts == 1 means every FFN is dense.
+    moe_experts: int = 1
+    moe_topk: int = 1
+    expert_hidden: int = 0  # hidden size of one expert; 0 = d_ff
+    moe_every: int = 1  # MoE in every Nth layer (layers N-1, 2N-1, ...)
+    moe_first_dense: int = 0  # the first N layers stay dense
+    router_norm: bool = True  # renormalise the top-k gates to sum to 1
+    aux_loss_weight: float = 0.01  # Switch load-balancing loss
+    z_loss_weight: float = 0.001  # router z-loss (ST-MoE)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def expert_d_ff(self) -> int:
+        return self.expert_hidden or self.d_ff
+
+    @property
+    def is_moe(self) -> bool:
+        return self.moe_experts > 1
+
+    def layer_is_moe(self, layer: int) -> bool:
+        if not self.is_moe or layer < self.moe_first_dense:
+            return False
+        return (layer + 1) % self.moe_every == 0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 16
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # global-norm clip; 0 disables
+    eval_every: int = 100
+    eval_batches: int = 20
+    save_every: int = 0  # 0 = only at the end
+    log_every: int = 10
+    seed: int = 0
+    val_fraction: float = 0.1
+    tokenizer: str = "bytes"  # "bytes" or "sp:N"
+    data: list[str] = field(default_factory=list)  # empty = bundled corpus
+    dispatch: str = "auto"  # MoE dispatch backend
+
+
+PRESET_SECTIONS = {"model": ModelConfig, "train": TrainConfig}
+
+
+def preset_names() -> list[str]:
+    root = resources.files("tinymoe.presets")
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".toml"))
+
+
+def load_preset(name_or_path: str) -> tuple[ModelConfig, TrainConfig]:
+    """A preset by name (presets/NAME.toml) or a path to a TOML file of the same shape."""
+    path = Path(name_or_path)
+    if name_or_path.endswith(".toml"):
+        if not path.is_file():
+            raise TinyMoeError(f"preset file not found: {name_or_path}")
+        text = path.read_text()
+    else:
+        res = resources.files("tinymoe.presets") / f"{name_or_path}.toml"
+        if not res.is_file():
+            raise TinyMoeError(
+                f"unknown preset '{name_or_path}' (choose from: {', '.join(preset_names())})"
+            )
+        text = res.read_text()
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise TinyMoeError(f"preset {name_or_path}: invalid TOML: {exc}") from None
+    unknown = set(raw) - set(PRESET_SECTIONS)
+    if unknown:
+        raise TinyMoeError(f"preset {name_or_path}: unknown section(s) {sorted(unknown)}")
+    model = apply_overrides(ModelConfig(), raw.get("model", {}), f"preset {name_or_path} [model]")
+    train = apply_overrides(TrainConfig(), raw.get("train", {}), f"preset {name_or_path} [train]")
+    return model, train
+
+
+def _coerce(value, current, key: str, where: str):
+    """Check `value` against the type of the field's current value; allow int -> float."""
+    expected = type(current)
+    if expected is bool:
+        ok = isinstance(value, bool)
+    elif expected is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif expected is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif expected is list:
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    else:
+        ok = isinstance(value, expected)
+    if not ok:
+        raise TinyMoeError(
+            f"{where}: '{key}' must be {expected.__name__}, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def apply_overrides(cfg, overrides: dict, where: str = "override"):
+    """Return a copy of dataclass `cfg` with `overrides` applied; unknown keys and types fail."""
+    names = {f.name for f in fields(cfg)}
+    changes = {}
+    for key, value in overrides.items():
+        if key not in names:
+            raise TinyMoeError(f"{where}: unknown setting '{key}'")
+        changes[key] = _coerce(value, getattr(cfg, key), key, where)
+    return dataclasses.replace(cfg, **changes)
+
+
+def validate(model: ModelConfig, train: TrainConfig | None = None) -> None:
+    """Reject impossible settings with a one-line message."""
+    positive = ["vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "context", "d_ff"]
+    positive += ["moe_experts", "moe_topk", "moe_every"]
+    for name in positive:
+        if getattr(model, name) <= 0:
+            raise TinyMoeError(f"{name} must be positive, got {getattr(model, name)}")
+    for name in ["expert_hidden", "moe_first_dense"]:
+        if getattr(model, name) < 0:
+            raise TinyMoeError(f"{name} must be >= 0, got {getattr(model, name)}")
+    if model.d_model % model.n_heads:
+        raise TinyMoeError(f"d_model {model.d_model} is not divisible by n_heads {model.n_heads}")
+    if model.head_dim % 2:
+        raise TinyMoeError(f"head dimension {model.head_dim} must be even for RoPE")
+    if model.n_heads % model.n_kv_heads:
+        raise TinyMoeError(f"n_heads {model.n_heads} is not a multiple of n_kv_heads {model.n_kv_heads}")
+    if model.moe_topk > model.moe_experts:
+        raise TinyMoeError(f"moe_topk {model.moe_topk} exceeds moe_experts {model.moe_experts}")
+    if model.aux_loss_weight < 0 or model.z_loss_weight < 0:
+        raise TinyMoeError("router loss weights must be >= 0")
+    if train is None:
+        return
+    for name in ["steps", "batch_size", "grad_accum", "eval_batches", "log_every"]:
+        if getattr(train, name) <= 0:
+            raise TinyMoeError(f"{name} must be positive, got {getattr(train, name)}")
+    for name in ["warmup_steps", "eval_every", "save_every", "weight_decay", "grad_clip"]:
+        if getattr(train, name) < 0:
+            raise TinyMoeError(f"{name} must be >= 0, got {getattr(train, name)}")
+    if not train.lr > 0:
+        raise TinyMoeError(f"lr must be positive, got {train.lr}")
+    if not 0 <= train.val_fraction < 1:
+        raise TinyMoeError(f"val_fraction must be in [0, 1), got {train.val_fraction}")
+    if not 0 <= train.min_lr_ratio <= 1:
+        raise TinyMoeError(f"min_lr_ratio must be in [0, 1], got {train.min_lr_ratio}")
+    from tinymoe.dispatch import BACKENDS  # no MLX import at module level there
+
+    if train.dispatch not in ("auto", *BACKENDS):
+        raise TinyMoeError(f"unknown dispatch '{train.dispatch}' (choose from auto, {', '.join(BACKENDS)})")
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls, raw: dict, where: str):
+    """Rebuild a config saved in a manifest; unknown keys mean a newer or foreign format."""
+    return apply_overrides(cls(), raw, where)

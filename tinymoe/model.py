@@ -1,0 +1,165 @@
+"""Decoder-only transformer whose FFNs are dense SwiGLU or MoE layers.
+
+Reads top to bottom: KV cache, attention (RoPE, grouped-query, causal, through
+`mx.fast.scaled_dot_product_attention`), dense SwiGLU, block, model. Shapes: B batch, L sequence
+length, D model width, V vocabulary, Hq/Hkv query/key-value heads, Dh head width.
+
+`Model.__call__` returns (logits (B, L, V), aux) where aux holds the router losses summed over
+MoE layers and each MoE layer's load (share of routed slots per expert), so the trainer can log
+them. Parameter names are stable checkpoint names: `blocks.3.moe.experts.w_up` and so on.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from tinymoe.config import ModelConfig
+from tinymoe.dispatch import resolve_backend
+from tinymoe.moe import MoELayer
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, grown by concatenation (small models)."""
+
+    def __init__(self):
+        self.keys = None  # (B, Hkv, S, Dh)
+        self.values = None
+
+    @property
+    def offset(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def update(self, k, v):
+        if self.keys is None:
+            self.keys, self.values = k, v
+        else:
+            self.keys = mx.concatenate([self.keys, k], axis=2)
+            self.values = mx.concatenate([self.values, v], axis=2)
+        return self.keys, self.values
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, out_scale: float):
+        super().__init__()
+        d, dh = cfg.d_model, cfg.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, dh
+        self.wq = nn.Linear(d, cfg.n_heads * dh, bias=False)
+        self.wk = nn.Linear(d, cfg.n_kv_heads * dh, bias=False)
+        self.wv = nn.Linear(d, cfg.n_kv_heads * dh, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * dh, d, bias=False)
+        self.wo.weight = self.wo.weight * out_scale
+        self.rope = nn.RoPE(dh, base=cfg.rope_theta)
+
+    def __call__(self, x, cache: KVCache | None = None):
+        B, L, _ = x.shape
+        q = self.wq(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)  # (B, Hq, L, Dh)
+        k = self.wk(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = self.wv(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        offset = cache.offset if cache is not None else 0
+        q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        mask = causal_mask(L, offset)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5, mask=mask)
+        return self.wo(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+def causal_mask(L: int, offset: int):
+    """Query i (at absolute position offset+i) sees keys 0..offset+i."""
+    if L == 1:
+        return None  # one new token sees the whole cache
+    if offset == 0:
+        return "causal"
+    q_pos = mx.arange(offset, offset + L)[:, None]
+    k_pos = mx.arange(offset + L)[None, :]
+    return k_pos <= q_pos  # (L, offset + L) boolean
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model: int, d_hidden: int, out_scale: float = 1.0):
+        super().__init__()
+        self.w_gate = nn.Linear(d_model, d_hidden, bias=False)
+        self.w_up = nn.Linear(d_model, d_hidden, bias=False)
+        self.w_down = nn.Linear(d_hidden, d_model, bias=False)
+        self.w_down.weight = self.w_down.weight * out_scale
+
+    def __call__(self, x):
+        return self.w_down(nn.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        # GPT-2 style: shrink residual-branch outputs so the residual stream's variance stays ~1.
+        out_scale = 1.0 / math.sqrt(2 * cfg.n_layers)
+        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = Attention(cfg, out_scale)
+        self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.is_moe = cfg.layer_is_moe(layer)
+        if self.is_moe:
+            self.moe = MoELayer(cfg.d_model, cfg.moe_experts, cfg.moe_topk, cfg.expert_d_ff,
+                                cfg.router_norm, out_scale)
+        else:
+            self.ffn = SwiGLU(cfg.d_model, cfg.d_ff, out_scale)
+
+    def __call__(self, x, cache=None, routing=None):
+        x = x + self.attn(self.attn_norm(x), cache)
+        h = self.ffn_norm(x)
+        if self.is_moe:
+            y, losses = self.moe(h, routing)
+            return x + y, losses
+        return x + self.ffn(h), None
+
+
+class Model(nn.Module):
+    def __init__(self, cfg: ModelConfig, dispatch: str = "auto"):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = [Block(cfg, i) for i in range(cfg.n_layers)]
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        if not cfg.tie_embeddings:
+            self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.set_dispatch(dispatch)
+
+    def set_dispatch(self, name: str) -> str:
+        self.dispatch = resolve_backend(name)
+        for block in self.blocks:
+            if block.is_moe:
+                block.moe.dispatch = self.dispatch
+        return self.dispatch
+
+    def moe_layers(self) -> list[int]:
+        return [i for i, b in enumerate(self.blocks) if b.is_moe]
+
+    def __call__(self, tokens_BL, caches: list | None = None, routing: list | None = None):
+        x = self.embed(tokens_BL)
+        balance = z = mx.array(0.0)
+        loads = []
+        for i, block in enumerate(self.blocks):
+            x, losses = block(x, caches[i] if caches else None, routing)
+            if losses is not None:
+                balance, z = balance + losses["balance_loss"], z + losses["z_loss"]
+                loads.append(losses["load"])
+        x = self.norm(x)
+        logits = self.embed.as_linear(x) if self.cfg.tie_embeddings else self.lm_head(x)
+        return logits, {"balance_loss": balance, "z_loss": z, "load": loads}
+
+    def make_caches(self) -> list[KVCache]:
+        return [KVCache() for _ in self.blocks]
+
+
+def count_params(model: Model) -> dict:
+    """Total parameters and those a token uses (embeddings included, K of E experts)."""
+    from mlx.utils import tree_flatten
+
+    total = sum(v.size for _, v in tree_flatten(model.parameters()))
+    inactive = 0
+    for block in model.blocks:
+        if block.is_moe:
+            e = block.moe.experts
+            inactive += (e.w_gate.shape[0] - block.moe.router.top_k) * e.params_per_expert()
+    return {"total": total, "active": total - inactive}

@@ -1,0 +1,256 @@
+"""The training loop: data, AdamW with warmup + cosine, compiled steps, eval, logs, checkpoints.
+
+One optimizer step = `grad_accum` micro-batches of (batch_size, context) tokens. Gradients are
+averaged over the micro-batches, clipped to a global norm, then AdamW updates the weights. When
+the MoE dispatch backend has no host synchronisation the gradient and update functions are
+`mx.compile`d with the model and optimizer state as explicit inputs/outputs; with `grouped`
+(segment lengths read on the host) they run eagerly.
+
+Everything needed to continue exactly is in the checkpoint: weights, optimizer state (incl. its
+step count, which drives the learning-rate schedule), the batch sampler's RNG state and MLX's
+RNG state. Resuming therefore reproduces the uninterrupted run's losses bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from tinymoe import checkpoint
+from tinymoe.config import ModelConfig, TrainConfig, to_dict
+from tinymoe.data import BatchSampler, bundled_corpus_dir, read_documents, split_train_val, tokenize_documents
+from tinymoe.dispatch import COMPILABLE
+from tinymoe.errors import TinyMoeError
+from tinymoe.evaluate import evaluate
+from tinymoe.model import Model, count_params
+from tinymoe.progress import ProgressBar
+from tinymoe.tokenizer import ByteTokenizer, parse_tokenizer_spec, train_sentencepiece
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TINYMOE_CACHE", Path.home() / ".cache" / "tinymoe"))
+
+
+@dataclass
+class RunData:
+    tokenizer: object
+    train_tokens: np.ndarray  # (N_train,)
+    val_tokens: np.ndarray  # (N_val,)
+    domain_names: list
+    sources: list
+
+
+def prepare_data(train: TrainConfig, tokenizer=None) -> RunData:
+    """Read, tokenize (cached) and split the training text; train a tokenizer when asked."""
+    sources = train.data or [str(bundled_corpus_dir())]
+    docs = read_documents(sources)
+    if tokenizer is None:
+        kind, vocab = parse_tokenizer_spec(train.tokenizer)
+        tokenizer = ByteTokenizer() if kind == "bytes" else train_sentencepiece([d.text for d in docs], vocab)
+    data = tokenize_documents(docs, tokenizer, cache_dir() / "tokens")
+    tr, va = split_train_val(data, train.val_fraction)
+    return RunData(tokenizer, np.asarray(tr.tokens), np.asarray(va.tokens), data.domain_names, sources)
+
+
+def lr_schedule(train: TrainConfig):
+    """Linear warmup to `lr`, then cosine decay to lr * min_lr_ratio at the last step."""
+    decay_steps = max(1, train.steps - train.warmup_steps)
+    cosine = optim.cosine_decay(train.lr, decay_steps, end=train.lr * train.min_lr_ratio)
+    if train.warmup_steps == 0:
+        return cosine
+    warm = optim.linear_schedule(train.lr / train.warmup_steps, train.lr, train.warmup_steps - 1)
+    return optim.join_schedules([warm, cosine], [train.warmup_steps])
+
+
+class Stepper:
+    """One optimizer step: grad_accum micro-batches, averaged grads, clip, AdamW update."""
+
+    def __init__(self, model: Model, optimizer, model_cfg: ModelConfig, train: TrainConfig):
+        self.model, self.optimizer = model, optimizer
+        w_balance, w_z, clip = model_cfg.aux_loss_weight, model_cfg.z_loss_weight, train.grad_clip
+
+        def loss_fn(x, y):
+            logits, aux = model(x)
+            ce = nn.losses.cross_entropy(logits, y, reduction="mean")
+            total = ce + w_balance * aux["balance_loss"] + w_z * aux["z_loss"]
+            load = mx.stack(aux["load"]) if aux["load"] else mx.zeros((0,))
+            return total, ce, aux["balance_loss"], aux["z_loss"], load
+
+        grad_fn = nn.value_and_grad(model, loss_fn)
+
+        def apply(grads):
+            grads, norm = optim.clip_grad_norm(grads, clip) if clip > 0 else (grads, global_norm(grads))
+            optimizer.update(model, grads)
+            return norm
+
+        self.compiled = model.dispatch in COMPILABLE
+        if self.compiled:
+            state = [model.state, optimizer.state]
+            self._grad = mx.compile(grad_fn, inputs=[model.state])
+            self._apply = mx.compile(apply, inputs=state, outputs=state)
+        else:
+            self._grad, self._apply = grad_fn, apply
+
+    def step(self, next_batches) -> dict:
+        """Run one step over the (inputs, targets) micro-batches that `next_batches` yields
+        (callables returning numpy arrays); returns host-side metrics."""
+        grads, sums, n = None, None, 0
+        for next_batch in next_batches:
+            x, y = next_batch()
+            values, g = self._grad(mx.array(x), mx.array(y))
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            sums = values if sums is None else tuple(a + b for a, b in zip(sums, values))
+            n += 1
+        if n > 1:
+            grads = tree_map(lambda g: g / n, grads)
+            sums = tuple(v / n for v in sums)
+        lr = self.optimizer.learning_rate  # the rate this update uses (schedule at current step)
+        norm = self._apply(grads)
+        mx.eval(self.model.parameters(), self.optimizer.state, norm, *sums)
+        total, ce, balance, z, load = sums
+        return {"loss": ce.item(), "total_loss": total.item(), "balance_loss": balance.item(),
+                "z_loss": z.item(), "grad_norm": norm.item(), "lr": lr.item(),
+                "load": np.array(load).round(5).tolist()}
+
+
+class Trainer:
+    def __init__(self, model_cfg: ModelConfig, train: TrainConfig, run_dir: Path, *,
+                 resume: dict | None = None, progress: bool = True, keep: int = 0):
+        """resume: {"manifest", "ckpt", "tokenizer", "weights", "optimizer"} from a checkpoint."""
+        self.train, self.run_dir, self.keep = train, Path(run_dir), keep
+        mx.random.seed(train.seed)
+        self.data = prepare_data(train, resume["tokenizer"] if resume else None)
+        model_cfg.vocab_size = self.data.tokenizer.vocab_size
+        self.cfg = model_cfg
+        self.model = Model(model_cfg, train.dispatch)
+        self.optimizer = optim.AdamW(learning_rate=lr_schedule(train), betas=[train.beta1, train.beta2],
+                                     weight_decay=train.weight_decay)
+        self.optimizer.init(self.model.trainable_parameters())
+        self.sampler = BatchSampler(self.data.train_tokens, train.batch_size, model_cfg.context, train.seed)
+        self.step, self.tokens_seen = 0, 0
+        if resume:
+            self._restore(resume)
+        self.progress = ProgressBar(train.steps, self.step, progress, train.log_every)
+        self.stepper = Stepper(self.model, self.optimizer, model_cfg, train)
+        self.compiled = self.stepper.compiled
+
+    # -- state -----------------------------------------------------------------------------
+    def _restore(self, resume: dict) -> None:
+        m = resume["manifest"]
+        self.model.update(tree_unflatten(list(resume["weights"].items())))
+        opt = {k: v for k, v in resume["optimizer"].items()}
+        self.optimizer.state = tree_unflatten(list(opt.items()))
+        self.step, self.tokens_seen = m["step"], m.get("tokens_seen", 0)
+        self.sampler.load_state(m["data"]["sampler"])
+        mx.random.state[0] = mx.array(np.array(m["rng"]["mlx"], dtype=np.uint32))
+        mx.eval(self.model.parameters(), self.optimizer.state)
+
+    # -- loop ------------------------------------------------------------------------------
+    def run(self) -> dict:
+        t = self.train
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._trim_metrics()
+        metrics_file = open(self.run_dir / "metrics.jsonl", "a")
+        last, val = {}, {}
+        window_start, window_tokens = time.perf_counter(), 0
+        try:
+            while self.step < t.steps:
+                last = self.stepper.step(self.sampler.next_batch for _ in range(t.grad_accum))
+                self.step += 1
+                self.tokens_seen += t.grad_accum * t.batch_size * self.cfg.context
+                if not math.isfinite(last["loss"]):
+                    raise TinyMoeError(f"training diverged at step {self.step}: loss is {last['loss']}; "
+                                       f"try a lower --lr (last checkpoint kept)")
+                window_tokens += t.grad_accum * t.batch_size * self.cfg.context
+                elapsed = time.perf_counter() - window_start
+                tok_s = window_tokens / elapsed if elapsed > 0 else 0.0
+                self.progress.update(self.step, loss=last["loss"], lr=last["lr"], **{"tok/s": round(tok_s)})
+                if self.step % t.log_every == 0 or self.step == t.steps:
+                    record = {"step": self.step, **last, "tokens_per_s": round(tok_s, 1),
+                              "tokens_seen": self.tokens_seen}
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                    window_start, window_tokens = time.perf_counter(), 0
+                if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.steps:
+                    val = self.validate()
+                    if val["loss"] is not None:
+                        metrics_file.write(json.dumps({"step": self.step, **{f"val_{k}": v for k, v in val.items()}}) + "\n")
+                        metrics_file.flush()
+                        self.progress.message(f"step {self.step}: val loss {val['loss']:.4f} "
+                                              f"bits/byte {val['bits_per_byte']:.4f}")
+                if (t.save_every and self.step % t.save_every == 0) or self.step == t.steps:
+                    path = self.save({"train_loss": last["loss"], "val_loss": val.get("loss"),
+                                      "val_bits_per_byte": val.get("bits_per_byte")})
+                    self.progress.message(f"step {self.step}: saved {path}")
+        finally:
+            metrics_file.close()
+            self.progress.close()
+        return {"step": self.step, "train_loss": last.get("loss"), "val_loss": val.get("loss"),
+                "val_bits_per_byte": val.get("bits_per_byte"), "tokens_seen": self.tokens_seen}
+
+    def validate(self) -> dict:
+        self.model.train(False)
+        try:
+            return evaluate(self.model, self.data.val_tokens, self.data.tokenizer.token_byte_lengths(),
+                            self.train.batch_size, self.cfg.context, self.train.eval_batches)
+        finally:
+            self.model.train(True)
+
+    def save(self, metrics: dict) -> Path:
+        manifest = {
+            "model": to_dict(self.cfg), "train": to_dict(self.train),
+            "tokenizer": self.data.tokenizer.to_manifest(), "tokens_seen": self.tokens_seen,
+            "params": count_params(self.model), "dispatch": self.model.dispatch,
+            "data": {"sources": self.data.sources, "domains": self.data.domain_names,
+                     "train_tokens": int(self.data.train_tokens.size),
+                     "val_tokens": int(self.data.val_tokens.size), "sampler": self.sampler.state()},
+            "rng": {"mlx": np.array(mx.random.state[0]).tolist()},
+            "metrics": metrics,
+        }
+        weights = dict(tree_flatten(self.model.parameters()))
+        opt_state = dict(tree_flatten(self.optimizer.state))
+        return checkpoint.save(self.run_dir, self.step, weights, opt_state, manifest,
+                               self.data.tokenizer, self.keep)
+
+    def _trim_metrics(self) -> None:
+        """On resume, drop log lines past the resumed step (written after that checkpoint)."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists() or self.step == 0:
+            return
+        kept = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= self.step]
+        tmp = path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+
+
+def global_norm(grads) -> mx.array:
+    return mx.sqrt(sum(mx.sum(mx.square(g)) for _, g in tree_flatten(grads)))
+
+
+def load_resume_state(path) -> dict:
+    """Everything `Trainer(resume=...)` needs, read and checked from a checkpoint."""
+    from tinymoe.tokenizer import load_tokenizer
+
+    ckpt = checkpoint.resolve(path)
+    manifest = checkpoint.read_manifest(ckpt)
+    for key in ("train", "data", "rng"):
+        if key not in manifest:
+            raise checkpoint.CheckpointError(f"{ckpt}/manifest.json: missing '{key}' (not resumable)")
+    weights = checkpoint.load_tensors(ckpt, manifest, ("model.safetensors", "experts.safetensors"))
+    # Hashes were verified just above for every file the manifest lists.
+    optimizer = checkpoint.load_tensors(ckpt, manifest, ("optimizer.safetensors",), verify_hashes=False)
+    return {"manifest": manifest, "ckpt": ckpt, "weights": weights, "optimizer": optimizer,
+            "tokenizer": load_tokenizer(manifest["tokenizer"], ckpt)}
+
