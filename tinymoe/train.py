@@ -7,8 +7,10 @@ the MoE dispatch backend has no host synchronisation the gradient and update fun
 (segment lengths read on the host) they run eagerly.
 
 Everything needed to continue exactly is in the checkpoint: weights, optimizer state (incl. its
-step count, which drives the learning-rate schedule), the batch sampler's RNG state and MLX's
-RNG state. Resuming therefore reproduces the uninterrupted run's losses bit for bit on CPU.
+step count, which drives the learning-rate schedule) and the batch sampler's RNG state. MLX's
+global RNG is used only to initialise weights (it cannot be restored), so any randomness inside a
+step must come from keys derived from (seed, step). Resuming therefore reproduces the
+uninterrupted run's losses bit for bit on CPU.
 """
 
 from __future__ import annotations
@@ -97,7 +99,8 @@ class Stepper:
         self.compiled = model.dispatch in COMPILABLE
         if self.compiled:
             state = [model.state, optimizer.state]
-            self._grad = mx.compile(grad_fn, inputs=[model.state])
+            # value_and_grad swaps traced arrays into the model, so its state is an output too.
+            self._grad = mx.compile(grad_fn, inputs=[model.state], outputs=[model.state])
             self._apply = mx.compile(apply, inputs=state, outputs=state)
         else:
             self._grad, self._apply = grad_fn, apply
@@ -115,12 +118,12 @@ class Stepper:
         if n > 1:
             grads = tree_map(lambda g: g / n, grads)
             sums = tuple(v / n for v in sums)
-        lr = self.optimizer.learning_rate  # the rate this update uses (schedule at current step)
+        lr = self.optimizer.learning_rate.item()  # the rate this update uses (read before the update)
         norm = self._apply(grads)
         mx.eval(self.model.parameters(), self.optimizer.state, norm, *sums)
         total, ce, balance, z, load = sums
         return {"loss": ce.item(), "total_loss": total.item(), "balance_loss": balance.item(),
-                "z_loss": z.item(), "grad_norm": norm.item(), "lr": lr.item(),
+                "z_loss": z.item(), "grad_norm": norm.item(), "lr": lr,
                 "load": np.array(load).round(5).tolist()}
 
 
@@ -137,6 +140,9 @@ class Trainer:
         self.optimizer = optim.AdamW(learning_rate=lr_schedule(train), betas=[train.beta1, train.beta2],
                                      weight_decay=train.weight_decay)
         self.optimizer.init(self.model.trainable_parameters())
+        if self.data.train_tokens.size < model_cfg.context + 1:
+            raise TinyMoeError(f"{', '.join(self.data.sources)}: only {self.data.train_tokens.size} training tokens "
+                               f"after the validation split; one window needs context+1 = {model_cfg.context + 1}")
         self.sampler = BatchSampler(self.data.train_tokens, train.batch_size, model_cfg.context, train.seed)
         self.step, self.tokens_seen = 0, 0
         if resume:
@@ -153,7 +159,6 @@ class Trainer:
         self.optimizer.state = tree_unflatten(list(opt.items()))
         self.step, self.tokens_seen = m["step"], m.get("tokens_seen", 0)
         self.sampler.load_state(m["data"]["sampler"])
-        mx.random.state[0] = mx.array(np.array(m["rng"]["mlx"], dtype=np.uint32))
         mx.eval(self.model.parameters(), self.optimizer.state)
 
     # -- loop ------------------------------------------------------------------------------
@@ -215,7 +220,6 @@ class Trainer:
             "data": {"sources": self.data.sources, "domains": self.data.domain_names,
                      "train_tokens": int(self.data.train_tokens.size),
                      "val_tokens": int(self.data.val_tokens.size), "sampler": self.sampler.state()},
-            "rng": {"mlx": np.array(mx.random.state[0]).tolist()},
             "metrics": metrics,
         }
         weights = dict(tree_flatten(self.model.parameters()))
@@ -245,7 +249,7 @@ def load_resume_state(path) -> dict:
 
     ckpt = checkpoint.resolve(path)
     manifest = checkpoint.read_manifest(ckpt)
-    for key in ("train", "data", "rng"):
+    for key in ("train", "data"):
         if key not in manifest:
             raise checkpoint.CheckpointError(f"{ckpt}/manifest.json: missing '{key}' (not resumable)")
     weights = checkpoint.load_tensors(ckpt, manifest, ("model.safetensors", "experts.safetensors"))
