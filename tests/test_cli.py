@@ -110,3 +110,21 @@ def test_help_does_not_import_mlx():
            "try:\n    cli()\nexcept SystemExit:\n    pass\nassert 'mlx.core' not in sys.modules, 'mlx imported'"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ)
     assert out.returncode == 0, out.stderr
+
+
+def test_sentencepiece_run_end_to_end(tmp_path):
+    """sp:N is trained, stored in the checkpoint, reloaded; bits/byte accounts for bytes/token."""
+    import math
+
+    out = tmp_path / "sp"
+    r = run("train", "--preset", "debug", "--tokenizer", "sp:400", "--steps", 3, "--out", out, "--quiet", "--json")
+    assert r.exit_code == 0, r.output
+    ckpt = out / "checkpoints" / "step-0000003"
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    assert manifest["tokenizer"]["kind"] == "sp" and manifest["model"]["vocab_size"] == 400
+    assert (ckpt / "tokenizer.model").is_file()
+    ev = json.loads(run("eval", out, "--json").output)
+    # Merged sp pieces cover several bytes, so bits/byte is below loss/ln2 (equal for bytes).
+    assert ev["bits_per_byte"] < 0.97 * ev["loss"] / math.log(2)
+    s = run("sample", out, "--prompt", "def ", "--max-tokens", 5, "--json")
+    assert s.exit_code == 0 and json.loads(s.output)["tokens"] == 5
