@@ -1,10 +1,12 @@
 """Autoregressive sampling with a KV cache: temperature, top-k, top-p, seeded.
 
 `generate` yields token ids one at a time so the CLI can stream text. The prompt is run once
-(prefill) to fill each layer's cache; then every new token costs one single-token forward. When
-the sequence reaches the model's context length the cache is rebuilt from the last half-context
-of tokens (a sliding window), since positions past the trained context were never seen.
-`generate_uncached` re-runs the full sequence each step: the slow reference the tests use.
+(prefill) to fill each layer's cache; then every new token costs one single-token forward. The
+model conditions on the window tokens[start:]; when that window would exceed the context length,
+`start` jumps so the window keeps the last half-context, and the cache is rebuilt from it
+(positions past the trained context were never seen in training).
+`generate_uncached` re-runs the whole window each step with the same window rule: the slow
+reference the tests compare against.
 """
 
 from __future__ import annotations
@@ -41,23 +43,31 @@ def generate(model, prompt_ids: list[int], max_tokens: int, temperature: float =
     tokens = list(prompt_ids)[-context:]
     if not tokens:
         raise ValueError("generate needs at least one prompt token")
+    start = 0  # the model sees tokens[start:]
     caches = model.make_caches()
     logits, _ = model(mx.array([tokens]), caches, routing)
     for _ in range(max_tokens):
         token = pick_token(logits[0, -1], temperature, top_k, top_p).item()
         yield token
         tokens.append(token)
-        if caches[0].offset + 1 > context:
-            caches = model.make_caches()  # slide: re-prefill the recent half-context
-            logits, _ = model(mx.array([tokens[-(context // 2):]]), caches, routing)
+        if len(tokens) - start > context:
+            start = len(tokens) - context // 2
+            caches = model.make_caches()
+            logits, _ = model(mx.array([tokens[start:]]), caches, routing)
         else:
             logits, _ = model(mx.array([[token]]), caches, routing)
 
 
 def generate_uncached(model, prompt_ids: list[int], max_tokens: int) -> list[int]:
-    """Greedy decoding by re-running the whole sequence each step (reference for tests)."""
-    tokens = list(prompt_ids)
+    """Greedy decoding by re-running the whole window each step (reference for tests)."""
+    context = model.cfg.context
+    tokens = list(prompt_ids)[-context:]
+    start, out = 0, []
     for _ in range(max_tokens):
-        logits, _ = model(mx.array([tokens[-model.cfg.context:]]))
-        tokens.append(mx.argmax(logits[0, -1]).item())
-    return tokens[len(prompt_ids):]
+        logits, _ = model(mx.array([tokens[start:]]))
+        token = mx.argmax(logits[0, -1]).item()
+        out.append(token)
+        tokens.append(token)
+        if len(tokens) - start > context:
+            start = len(tokens) - context // 2
+    return out
