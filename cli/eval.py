@@ -7,8 +7,9 @@ import click
 from tinymoe.cli.common import UserError, print_json, user_errors
 
 
-def held_out_tokens(manifest, tokenizer, data):
-    """Tokens to score: all of `data` if given, else the checkpoint's own validation split."""
+def held_out_tokens(manifest, tokenizer, data, with_domains=False):
+    """Tokens to score: all of `data` if given, else the checkpoint's own validation split.
+    Returns (tokens, what); with_domains=True adds the per-token domain ids and domain names."""
     import numpy as np
 
     from tinymoe.config import TrainConfig, from_dict
@@ -17,11 +18,16 @@ def held_out_tokens(manifest, tokenizer, data):
 
     if data:
         docs = read_documents(list(data))
-        return np.asarray(tokenize_documents(docs, tokenizer, cache_dir() / "tokens").tokens), "given data"
+        given = tokenize_documents(docs, tokenizer, cache_dir() / "tokens")
+        if with_domains:
+            return np.asarray(given.tokens), "given data", np.asarray(given.domain_ids), given.domain_names
+        return np.asarray(given.tokens), "given data"
     train_cfg = from_dict(TrainConfig, manifest.get("train", {}), "checkpoint train config")
     run_data = prepare_data(train_cfg, tokenizer)
     if run_data.val_tokens.size == 0:
         raise UserError("the checkpoint's run has no validation split; pass --data")
+    if with_domains:
+        return run_data.val_tokens, "validation split", run_data.val_domain_ids, run_data.domain_names
     return run_data.val_tokens, "validation split"
 
 

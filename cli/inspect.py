@@ -1,6 +1,14 @@
-"""`tinymoe inspect`: a checkpoint's summary and what its routers do with data."""
+"""`tinymoe inspect`: a checkpoint's summary and what its routers do with data.
+
+Per MoE layer: expert load (a bar chart), router entropy, load CV, dead experts, drop rate, and,
+when the routed data carries domain tags, the domain x expert table and the specialization score;
+for top-k > 1 the expert pairs that fire together. Definitions: tinymoe/analysis.py and
+docs/inspect.md. `--plot DIR` also draws the load and domain x expert heatmaps.
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import click
 
@@ -9,18 +17,27 @@ from tinymoe.cli.common import print_json, user_errors
 
 @click.command("inspect")
 @click.argument("checkpoint", type=click.Path())
-@click.option("--data", multiple=True, help="Route this text (default: the run's validation split).")
+@click.option("--data", multiple=True, help="Route this text (default: the run's validation split); "
+              "DOMAIN=PATH, subdirectories and JSONL domain fields give domain tags.")
 @click.option("--summary-only", is_flag=True, help="Only the manifest summary; route no data.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
-@click.option("--max-batches", default=20, show_default=True, type=click.IntRange(min=1))
-@click.option("--json", "as_json", is_flag=True, help="Print {params, layers: [...]} as JSON.")
+@click.option("--max-batches", default=20, show_default=True, type=click.IntRange(min=1),
+              help="Route at most this many batches of windows, spread evenly over the data.")
+@click.option("--plot", "plot_dir", type=click.Path(file_okay=False),
+              help="Also write load.png and domain_expert.png here (needs tinymoe[plot]).")
+@click.option("--json", "as_json", is_flag=True, help="Print {params, domains, layers: [...]} as JSON.")
 @user_errors
-def inspect_cmd(checkpoint, data, summary_only, batch_size, max_batches, as_json):
-    """Summarise CHECKPOINT and its per-layer expert load, router entropy and dead experts."""
+def inspect_cmd(checkpoint, data, summary_only, batch_size, max_batches, plot_dir, as_json):
+    """Summarise CHECKPOINT and what its routers do: per-layer expert load, router entropy, load CV,
+    dead experts, drop rate, domain x expert shares, specialization and co-activation."""
     from tinymoe.analysis import routing_stats
     from tinymoe.cli.eval import held_out_tokens
     from tinymoe.loader import load_model
 
+    if plot_dir:
+        from tinymoe.plots import require_matplotlib
+
+        require_matplotlib()  # fail before the slow part when matplotlib is missing
     model, manifest, tokenizer, ckpt = load_model(checkpoint)
     cfg = model.cfg
     summary = {
@@ -31,22 +48,35 @@ def inspect_cmd(checkpoint, data, summary_only, batch_size, max_batches, as_json
                   "moe_layers": model.moe_layers()},
         "tokenizer": manifest["tokenizer"].get("kind"),
         "metrics": manifest.get("metrics", {}),
+        "domains": [], "domain_tokens": [],
     }
     layers = []
     if not summary_only and model.moe_layers():
-        tokens, what = held_out_tokens(manifest, tokenizer, data)
-        layers = routing_stats(model, tokens, batch_size, cfg.context, max_batches)
-        summary["routed_on"] = what
+        tokens, what, domain_ids, domain_names = held_out_tokens(manifest, tokenizer, data, with_domains=True)
+        routed = routing_stats(model, tokens, batch_size, cfg.context, max_batches, domain_ids, domain_names)
+        layers = routed["layers"]
+        summary.update(routed_on=what, routed_tokens=routed["tokens"], domains=routed["domains"],
+                       domain_tokens=routed["domain_tokens"])
     summary["layers"] = layers
+    written = _plots(summary, Path(plot_dir)) if plot_dir and layers else []
     if as_json:
         print_json(summary)
-        return
-    _print(summary)
+    else:
+        _print(summary)
+    for path in written:
+        click.echo(f"wrote {path}", err=True)
+
+
+def _plots(summary: dict, out: Path) -> list:
+    from tinymoe.plots import domain_expert_heatmaps, load_heatmap
+
+    written = [load_heatmap(summary["layers"], out / "load.png")]
+    if summary["domains"]:
+        written.append(domain_expert_heatmaps(summary["layers"], summary["domains"], out / "domain_expert.png"))
+    return written
 
 
 def _print(s):
-    from tinymoe.analysis import bar
-
     m, p = s["model"], s["params"] or {}
     click.echo(f"checkpoint   {s['checkpoint']}  (step {s['step']}, {s['tokens_seen'] or 0:,} tokens seen)")
     kind = f"{m['experts']} experts, top-{m['top_k']}, MoE layers {m['moe_layers']}" if m["experts"] > 1 else "dense"
@@ -57,13 +87,42 @@ def _print(s):
     metrics = {k: round(v, 4) for k, v in s["metrics"].items() if isinstance(v, float)}
     if metrics:
         click.echo("last losses  " + ", ".join(f"{k} {v}" for k, v in metrics.items()))
-    for layer in s["layers"]:
-        E = layer["experts"]
-        click.echo(f"\nlayer {layer['layer']}: entropy {layer['entropy']:.3f} of {layer['max_entropy']:.3f} nats, "
-                   f"load CV {layer['load_cv']:.3f}, dead experts {layer['dead_experts']}/{E}")
-        top = max(layer["load"]) or 1.0
-        for e, share in enumerate(layer["load"]):
-            mark = "  dead" if share < 0.1 / E else ""
-            click.echo(f"  expert {e:3d} {bar(share, top)} {100 * share:5.1f}%{mark}")
     if s["layers"]:
-        click.echo(f"\n(routed on {s.get('routed_on')}; dead = under 10% of the uniform share 1/E)")
+        doms = ", ".join(f"{d} {n:,}" for d, n in zip(s["domains"], s["domain_tokens"]))
+        click.echo(f"routed on    {s.get('routed_on')}: {s.get('routed_tokens', 0):,} tokens"
+                   + (f" ({doms})" if doms else ""))
+    for layer in s["layers"]:
+        _print_layer(layer, s["domains"])
+    if s["layers"]:
+        click.echo("\n(dead = under 10% of the uniform share 1/E; specialization = I(domain; expert) / "
+                   "H(domain): 0 = routing ignores the domain, 1 = each expert serves one domain)")
+
+
+def _print_layer(layer: dict, domains: list) -> None:
+    from tinymoe.analysis import bar
+
+    E = layer["experts"]
+    spec = layer["specialization"]
+    click.echo(f"\nlayer {layer['layer']}: entropy {layer['entropy']:.3f} of {layer['max_entropy']:.3f} nats, "
+               f"load CV {layer['load_cv']:.3f}, dead experts {layer['dead_experts']}/{E}, "
+               f"drop rate {100 * layer['drop_rate']:.1f}%"
+               + (f", specialization {spec:.3f}" if spec is not None else ""))
+    top = max(layer["load"]) or 1.0
+    by_expert = layer.get("expert_domain")
+    for e, share in enumerate(layer["load"]):
+        mark = "  dead" if share < 0.1 / E else ""
+        main = ""
+        if by_expert and len(domains) > 1 and share > 0:
+            d = max(range(len(domains)), key=lambda j: by_expert[e][j])
+            main = f"  {100 * by_expert[e][d]:3.0f}% {domains[d]}"
+        click.echo(f"  expert {e:3d} {bar(share, top)} {100 * share:5.1f}%{mark}{main}")
+    if layer["domain_expert"] is not None:
+        width = max([6] + [len(d) for d in domains])
+        click.echo(f"  {'domain':<{width}}  " + " ".join(f"{e:>4d}" for e in range(E))
+                   + "   (% of the domain's routed slots per expert)")
+        for name, row in zip(domains, layer["domain_expert"]):
+            click.echo(f"  {name:<{width}}  " + " ".join(f"{100 * v:4.0f}" for v in row))
+    if layer["top_pairs"]:
+        pairs = ", ".join(f"{a}+{b} {100 * p['share']:.0f}%" + (f" (lift {p['lift']:.2f})" if p["lift"] else "")
+                          for p in layer["top_pairs"][:3] for a, b in [p["experts"]])
+        click.echo(f"  fire together: {pairs}  (share of tokens using both)")

@@ -8,9 +8,16 @@ import click
 from tinymoe import __version__
 from tinymoe.cli.doctor import doctor
 from tinymoe.cli.eval import eval_cmd
+from tinymoe.cli.export import export
+from tinymoe.cli.import_cmd import import_cmd
 from tinymoe.cli.inspect import inspect_cmd
+from tinymoe.cli.plot import plot
+from tinymoe.cli.route import route
 from tinymoe.cli.sample import sample
+from tinymoe.cli.selftest import selftest
 from tinymoe.cli.train import train
+from tinymoe.cli.upcycle import upcycle
+from tinymoe.cli.validate import validate_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -27,7 +34,8 @@ def cli():
     """
 
 
-for command in (train, sample, eval_cmd, inspect_cmd, doctor):
+for command in (train, sample, eval_cmd, inspect_cmd, doctor, route, plot, validate_cmd, selftest,
+                upcycle, export, import_cmd):
     cli.add_command(command)
 
 

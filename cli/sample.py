@@ -1,4 +1,8 @@
-"""`tinymoe sample`: stream text from a checkpoint."""
+"""`tinymoe sample`: stream text from a checkpoint.
+
+With `--show-routing` the text is printed once generation ends (a token's routing is known only
+after the model has read it), each token coloured by the expert it went to first in one MoE
+layer, followed by a legend; `--json` then adds every token's experts and gates in every layer."""
 
 from __future__ import annotations
 
@@ -22,9 +26,16 @@ from tinymoe.cli.common import UserError, print_json, user_errors
 @click.option("--seed", default=None, type=int, help="Seed for reproducible samples.")
 @click.option("--moe-dispatch", "dispatch", default="auto", show_default=True,
               type=click.Choice(["auto", "dense", "gather", "grouped", "metal"]))
-@click.option("--json", "as_json", is_flag=True, help="Print {prompt, text, tokens, tokens_per_s} as JSON.")
+@click.option("--show-routing", is_flag=True, help="Colour each token by the expert it was sent to (first choice).")
+@click.option("--layer", type=int, default=None, help="Block index of the MoE layer --show-routing colours by "
+              "(default: the last MoE layer).")
+@click.option("--color/--no-color", "color", default=None,
+              help="Force colour on or off (default: on for a terminal, off when NO_COLOR is set).")
+@click.option("--json", "as_json", is_flag=True, help="Print {prompt, text, tokens, tokens_per_s} as JSON "
+              "(with --show-routing also routing: {layers, tokens: [{id, text, experts, gates, prompt}]}).")
 @user_errors
-def sample(checkpoint, prompt, max_tokens, temperature, top_k, top_p, seed, dispatch, as_json):
+def sample(checkpoint, prompt, max_tokens, temperature, top_k, top_p, seed, dispatch, show_routing, layer,
+           color, as_json):
     """Generate text from CHECKPOINT (a checkpoint or run directory)."""
     from tinymoe.loader import load_model
     from tinymoe.sample import generate
@@ -33,6 +44,10 @@ def sample(checkpoint, prompt, max_tokens, temperature, top_k, top_p, seed, disp
     prompt_ids = tokenizer.encode(prompt or "\n")
     if not prompt_ids:
         raise UserError("the prompt encodes to no tokens")
+    if show_routing:
+        column = pick_layer(model, layer)
+        return _sample_routed(model, tokenizer, prompt, prompt_ids, column, color, as_json,
+                              (max_tokens, temperature, top_k, top_p, seed))
     if not as_json:
         click.echo(prompt, nl=False)
     generated: list[int] = []
@@ -56,3 +71,39 @@ def sample(checkpoint, prompt, max_tokens, temperature, top_k, top_p, seed, disp
         return
     click.echo(text[len(printed):])
     click.echo(f"\n[{len(generated)} tokens, {tok_s:.1f} tokens/s]", err=True)
+
+
+def pick_layer(model, layer: int | None) -> int:
+    """Column (position among the MoE layers) of block `layer`; default the last MoE layer."""
+    moe = model.moe_layers()
+    if not moe:
+        raise UserError("the model has no MoE layers; there is no routing to show")
+    if layer is None:
+        return len(moe) - 1
+    if layer not in moe:
+        raise UserError(f"--layer {layer}: not an MoE layer (MoE layers: {', '.join(map(str, moe))})")
+    return moe.index(layer)
+
+
+def _sample_routed(model, tokenizer, prompt, prompt_ids, column, color, as_json, settings):
+    from tinymoe.routing_view import generation_routing, legend, render_text, token_records, use_color
+    from tinymoe.sample import generate
+
+    records: list = []
+    start = time.perf_counter()
+    generated = list(generate(model, prompt_ids, *settings, routing=records))
+    seconds = time.perf_counter() - start
+    layers = model.moe_layers()
+    routing = generation_routing(records, len(layers), len(prompt_ids), len(generated), model.cfg.context)
+    tokens = token_records(tokenizer, list(prompt_ids) + generated, routing, n_prompt=len(prompt_ids))
+    tok_s = len(generated) / seconds if seconds > 0 else 0.0
+    if as_json:
+        print_json({"prompt": prompt, "text": tokenizer.decode(generated), "tokens": len(generated),
+                    "tokens_per_s": round(tok_s, 1), "routing": {"layers": layers, "tokens": tokens}})
+        return
+    on = use_color(color, sys.stdout)
+    # color=on: click would otherwise strip the escape codes whenever stdout is not a terminal.
+    click.echo(render_text(tokens, column, on), color=on)
+    click.echo(f"\nlayer {layers[column]}, first-choice expert: " + legend(tokens, column, model.cfg.moe_experts, on),
+               color=on)
+    click.echo(f"[{len(generated)} tokens, {tok_s:.1f} tokens/s]", err=True)

@@ -36,9 +36,12 @@ TRAIN_FLAGS = {
     "log_every": (int, "Write metrics.jsonl every N steps."),
     "seed": (int, "Random seed (weights, batches)."),
     "tokenizer": (str, "bytes (default) or sp:N, a sentencepiece BPE of vocab N trained on the data."),
+    "max_bad_steps": (int, "Stop after this many consecutive steps with a non-finite loss or gradient "
+                           "(each is skipped without updating the weights)."),
 }
 # Settings that do not change what is computed, so a resumed run may change them.
-RESUME_MAY_CHANGE = {"steps", "eval_every", "save_every", "log_every", "dispatch", "eval_batches"}
+RESUME_MAY_CHANGE = {"steps", "eval_every", "save_every", "log_every", "dispatch", "eval_batches",
+                     "max_bad_steps", "spike_factor", "spike_window"}
 
 
 def _flag_options(fn):
@@ -53,6 +56,8 @@ def _flag_options(fn):
               "Default: the bundled corpus.")
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory to create.")
 @click.option("--resume", type=click.Path(), help="Continue a run from its latest (or this) checkpoint.")
+@click.option("--init", "init_from", type=click.Path(), help="Start a new run (step 0, fresh optimizer) from this "
+              "checkpoint's model and tokenizer, e.g. an upcycled or imported one.")
 @click.option("--router-norm/--no-router-norm", default=None, help="Renormalise top-k gates to sum to 1.")
 @click.option("--moe-dispatch", "dispatch", type=click.Choice(["auto", "dense", "gather", "grouped", "metal"]),
               default=None, help="MoE dispatch backend (auto picks the fastest for this device).")
@@ -78,6 +83,20 @@ def train(preset, data, out, resume, router_norm, dispatch, sets, keep, overwrit
         train_over["data"] = list(data)
     _split_sets(sets, model_over, train_over)
 
+    init_from = flags.pop("init_from", None)
+    if init_from and resume:
+        raise UserError("--init starts a new run and --resume continues one; pass only one of them")
+    if resume and not init_from:
+        from tinymoe.interop.init_state import weights_only_run_dir
+
+        weights_only = weights_only_run_dir(resume)
+        if weights_only is not None:  # upcycled/imported: no optimizer or data state to resume
+            return _init(resume, out or weights_only, preset, model_over, train_over, False, keep, quiet,
+                         as_json, fresh_dir=out is not None)
+    if init_from:
+        if not out:
+            raise UserError("--out is required with --init (the run directory to create)")
+        return _init(init_from, out, preset, model_over, train_over, overwrite, keep, quiet, as_json)
     if resume:
         return _resume(resume, out, model_over, train_over, keep, quiet, as_json)
     if not out:
@@ -148,11 +167,27 @@ def _resume(path, out, model_over, train_over, keep, quiet, as_json):
     _run(model_cfg, train_cfg, run_dir, state, keep, quiet, as_json)
 
 
-def _run(model_cfg, train_cfg, run_dir, resume, keep, quiet, as_json):
+def _init(path, out, preset, model_over, train_over, overwrite, keep, quiet, as_json, fresh_dir=True):
+    """A new run from a checkpoint's weights (see tinymoe.interop.init_state)."""
+    from tinymoe.config import apply_overrides, load_preset, validate
+    from tinymoe.interop.init_state import load_init_state
+
+    if "tokenizer" in train_over:
+        raise UserError("the tokenizer comes from the checkpoint given to --init; drop --tokenizer")
+    model_cfg, init, ckpt = load_init_state(path, model_over)
+    train_cfg = apply_overrides(load_preset(preset)[1], train_over, "flag")
+    validate(model_cfg, train_cfg)
+    run_dir = _prepare_out(Path(out), overwrite) if fresh_dir else Path(out)
+    if not quiet:
+        click.echo(f"init: weights and tokenizer from {ckpt}; new optimizer, step 0", err=True)
+    _run(model_cfg, train_cfg, run_dir, None, keep, quiet, as_json, init=init)
+
+
+def _run(model_cfg, train_cfg, run_dir, resume, keep, quiet, as_json, init=None):
     from tinymoe.model import count_params
     from tinymoe.train import Trainer
 
-    trainer = Trainer(model_cfg, train_cfg, run_dir, resume=resume, progress=not quiet, keep=keep)
+    trainer = Trainer(model_cfg, train_cfg, run_dir, resume=resume, progress=not quiet, keep=keep, init=init)
     params = count_params(trainer.model)
     if not quiet:
         kind = (f"MoE {model_cfg.moe_experts} experts top-{model_cfg.moe_topk}" if model_cfg.is_moe else "dense")

@@ -3,12 +3,20 @@
 A run directory holds `metrics.jsonl`, `checkpoints/step-NNNNNNN/` (one directory per saved
 step) and `latest` (the name of the newest complete one). A checkpoint directory holds
 `manifest.json`, `model.safetensors` (non-expert weights), `experts.safetensors` (stacked expert
-weights, each tensor 16 KiB-aligned), `optimizer.safetensors` and, for a sentencepiece tokenizer,
-`tokenizer.model`. See docs/checkpoint-format.md.
+weights, each tensor 16 KiB-aligned), `optimizer.safetensors` and, for a tokenizer that is a
+file, that file (`tokenizer.model`, `tokenizer.json`). See docs/checkpoint-format.md.
 
-Atomicity: a checkpoint is written into a hidden temporary sibling, every file fsynced, the
-manifest written last, the directory renamed into place, then `latest` is replaced by rename. A
-crash at any moment leaves the previous checkpoint and `latest` loadable.
+Atomicity: a checkpoint is written into a hidden temporary sibling (`.step-N.tmp-PID`), every file
+fsynced, the manifest written last, the directory renamed into place, then `latest` is replaced by
+rename. Old step directories are renamed to a hidden name before they are deleted, so a
+half-deleted directory is never visible as a checkpoint. A crash at any moment therefore leaves a
+complete checkpoint that `resolve` finds; hidden leftovers of a crash are removed by the next
+save. A write that fails (disk full, read-only) removes its temporary directory and raises a
+one-line `CheckpointError`; the previous checkpoint is untouched.
+
+Loading (`load_tensors`) checks the manifest's structure (tinymoe.manifest), every file's size
+and sha256, and every safetensors header against the manifest before `mx.load` reads a byte, and
+returns nothing unless everything is consistent.
 """
 
 from __future__ import annotations
@@ -16,20 +24,30 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
 
 from tinymoe import safetensors_io
 from tinymoe.errors import CheckpointError
+from tinymoe.manifest import FILES, FORMAT_NAME, FORMAT_VERSION, entries_in, read_manifest  # noqa: F401
 
-FORMAT_NAME = "tinymoe-checkpoint"
-FORMAT_VERSION = 1
-FILES = ("model.safetensors", "experts.safetensors", "optimizer.safetensors")
+_STEP_NAME = re.compile(r"step-(\d+)")
+# Hidden leftovers: .step-N.tmp-PID (being written), .old-PID (replaced), .del-PID (being deleted).
+_HIDDEN_NAME = re.compile(r"\.(step-\d+)\.(tmp|old|del)-(\d+)")
 
 
 def is_expert_tensor(name: str) -> bool:
     return ".moe.experts." in name
+
+
+def step_dirname(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def _step_of(name: str) -> int:
+    return int(name.split("-", 1)[1])
 
 
 def _fsync_dir(path: Path) -> None:
@@ -40,34 +58,62 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_json_atomic(path: Path, obj) -> None:
+def _write_bytes_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
+    with open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def step_dirname(step: int) -> str:
-    return f"step-{step:07d}"
+def _why(exc: OSError) -> str:
+    where = f" ({exc.filename})" if exc.filename else ""
+    return f"{exc.strerror or exc}{where}"
+
+
+# ----------------------------------------------------------------------------- saving
 
 
 def save(run_dir: Path, step: int, weights: dict, optimizer_state: dict, manifest: dict,
          tokenizer=None, keep: int = 0) -> Path:
     """Write checkpoint `step` of `run_dir` atomically and point `latest` at it.
 
-    weights / optimizer_state: flat name -> mx.array. manifest: everything but the tensor index
-    and file list, which are added here. Older step directories beyond `keep` are removed only
-    after the new one is complete.
+    weights / optimizer_state: flat name -> mx.array (or numpy array). manifest: everything but
+    the tensor index and file list, which are added here. Older step directories beyond `keep`
+    are removed only after the new one is complete and `latest` names it.
     """
+    run_dir = Path(run_dir)
     ckpt_root = run_dir / "checkpoints"
-    ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / step_dirname(step)
     tmp = ckpt_root / f".{final.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    try:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        clean_leftovers(ckpt_root)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        _write_checkpoint(tmp, step, weights, optimizer_state, manifest, tokenizer)
+        _move_into_place(tmp, final)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"{final}: cannot save checkpoint: {_why(exc)}; "
+                              f"the previous checkpoint is untouched") from None
+    except BaseException:  # interrupted: leave no partial directory behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        _write_bytes_atomic(run_dir / "latest", (final.name + "\n").encode())
+        _fsync_dir(run_dir)
+    except OSError as exc:
+        raise CheckpointError(f"{run_dir / 'latest'}: cannot point it at {final.name}: {_why(exc)}; "
+                              f"the checkpoint itself is complete") from None
+    _prune(ckpt_root, keep, final.name)
+    return final
+
+
+def _write_checkpoint(tmp: Path, step: int, weights: dict, optimizer_state: dict, manifest: dict,
+                      tokenizer) -> None:
     groups = {
         "model.safetensors": ({k: v for k, v in weights.items() if not is_expert_tensor(k)}, 1),
         "experts.safetensors": ({k: v for k, v in weights.items() if is_expert_tensor(k)},
@@ -81,26 +127,35 @@ def save(run_dir: Path, step: int, weights: dict, optimizer_state: dict, manifes
         for name, entry in index.items():
             tensors[prefix + name] = {"file": fname, "name": name, **entry}
         files[fname] = _file_entry(tmp / fname)
-    if tokenizer is not None and getattr(tokenizer, "kind", "bytes") == "sp":
-        tokenizer.save(tmp / "tokenizer.model")
-        files["tokenizer.model"] = _file_entry(tmp / "tokenizer.model")
+    # A tokenizer that is a file (sentencepiece's tokenizer.model, an imported tokenizer.json).
+    tok_file = getattr(tokenizer, "file_name", None) if tokenizer is not None else None
+    if tok_file:
+        tokenizer.save(tmp / tok_file)
+        files[tok_file] = _file_entry(tmp / tok_file)
     full = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **manifest, "step": step,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files, "tensors": tensors}
-    _write_json_atomic(tmp / "manifest.json", full)
+    # The manifest goes last: its presence marks the directory as complete.
+    _write_bytes_atomic(tmp / "manifest.json", json.dumps(full, indent=1).encode())
     _fsync_dir(tmp)
-    if final.exists():  # re-saving a step (e.g. after resume): move the old one aside first
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    ckpt_root = final.parent
+    if final.exists():  # re-saving a step (e.g. after resuming from an older one)
+        # Two renames, not one: a crash between them leaves .old, which resolve() still finds
+        # and the next save renames back if the new one never arrived.
         old = ckpt_root / f".{final.name}.old-{os.getpid()}"
         os.replace(final, old)
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            os.replace(old, final)
+            raise
+        _fsync_dir(ckpt_root)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
     _fsync_dir(ckpt_root)
-    (run_dir / ".latest.tmp").write_text(final.name + "\n")
-    os.replace(run_dir / ".latest.tmp", run_dir / "latest")
-    _fsync_dir(run_dir)
-    _prune(ckpt_root, keep, final.name)
-    return final
 
 
 def _file_entry(path: Path) -> dict:
@@ -111,91 +166,200 @@ def _file_entry(path: Path) -> dict:
     return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
 
 
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # our own leftover from an earlier, failed attempt
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_leftovers(ckpt_root: Path) -> None:
+    """Remove what crashed saves left behind; bring back a replaced step whose successor is gone.
+
+    Best effort: a leftover that cannot be removed is only wasted space, never a wrong checkpoint.
+    """
+    try:
+        entries = list(ckpt_root.iterdir())
+    except OSError:
+        return
+    for path in entries:
+        m = _HIDDEN_NAME.fullmatch(path.name)
+        if not m:
+            continue
+        step_name, kind, pid = m.group(1), m.group(2), int(m.group(3))
+        if kind == "tmp" and _pid_alive(pid):
+            continue  # another process is saving right now
+        try:
+            if kind == "old" and not (ckpt_root / step_name).exists() and (path / "manifest.json").is_file():
+                os.replace(path, ckpt_root / step_name)
+                continue
+        except OSError:
+            pass
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _prune(ckpt_root: Path, keep: int, latest: str) -> None:
-    steps = sorted(p.name for p in ckpt_root.iterdir() if p.name.startswith("step-") and p.name != latest)
+    """Best effort, after the new checkpoint is complete: a failure here only leaves extra steps."""
+    try:
+        steps = sorted((p.name for p in ckpt_root.iterdir() if _STEP_NAME.fullmatch(p.name) and p.name != latest),
+                       key=_step_of)
+    except OSError:
+        return
     for name in steps[: max(0, len(steps) - keep)]:
-        shutil.rmtree(ckpt_root / name, ignore_errors=True)
+        doomed = ckpt_root / f".{name}.del-{os.getpid()}"
+        try:
+            os.replace(ckpt_root / name, doomed)  # atomically invisible first, then deleted
+        except OSError:
+            continue
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- locating
 
 
 def resolve(path: str | Path) -> Path:
-    """A checkpoint directory from a checkpoint path or a run directory (its latest)."""
+    """A checkpoint directory from a checkpoint path or a run directory (its latest).
+
+    `latest` wins when it names a complete checkpoint; otherwise (a crash between the rename and
+    the `latest` update, or a hand-edited file) the newest complete step directory is used.
+    """
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such checkpoint or run directory")
     if (p / "manifest.json").is_file():
         return p
-    latest = p / "latest"
-    if latest.is_file():
-        cand = p / "checkpoints" / latest.read_text().strip()
-        if (cand / "manifest.json").is_file():
-            return cand
-    done = sorted(c for c in (p / "checkpoints").glob("step-*") if (c / "manifest.json").is_file()) \
-        if (p / "checkpoints").is_dir() else []
-    if done:
-        return done[-1]
+    if not p.is_dir():
+        raise CheckpointError(f"{p}: is a file, not a checkpoint or run directory")
+    root = p / "checkpoints"
+    try:
+        name = (p / "latest").read_text().strip() if (p / "latest").is_file() else ""
+    except (OSError, UnicodeDecodeError):
+        name = ""
+    if _STEP_NAME.fullmatch(name) and (root / name / "manifest.json").is_file():
+        return root / name
+    found = []
+    if root.is_dir():
+        for c in root.iterdir():
+            m = _HIDDEN_NAME.fullmatch(c.name)
+            visible = _STEP_NAME.fullmatch(c.name)
+            # A replaced step (.old) counts only if its replacement never arrived.
+            if visible or (m and m.group(2) == "old" and not (root / m.group(1)).exists()):
+                if (c / "manifest.json").is_file():
+                    found.append((_step_of(m.group(1) if m else c.name), not visible, c))
+    if found:
+        return max(found)[2]
     raise CheckpointError(f"{p}: not a tinymoe checkpoint (no manifest.json) nor a run with checkpoints")
 
 
-def read_manifest(ckpt: Path) -> dict:
-    path = ckpt / "manifest.json"
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise CheckpointError(f"{path}: not a {FORMAT_NAME} manifest")
-    version = manifest.get("version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path}: format version {version!r} is newer than this tinymoe reads ({FORMAT_VERSION}); upgrade tinymoe")
-    for key in ("model", "tokenizer", "files", "tensors", "step"):
-        if key not in manifest:
-            raise CheckpointError(f"{path}: missing '{key}'")
-    return manifest
+# ----------------------------------------------------------------------------- loading
 
 
 def check_files(ckpt: Path, manifest: dict, verify_hashes: bool = True) -> list[str]:
-    """Problems found (empty list = consistent): presence, sizes, hashes of every listed file."""
+    """Every problem of the listed files (empty list = consistent), one line each: presence,
+    size, safetensors header against the manifest, sha256 of each file and of each tensor."""
     problems = []
     for fname, entry in manifest["files"].items():
         path = ckpt / fname
-        if not path.is_file():
-            problems.append(f"{path}: missing")
+        problem = file_problem(path, entry)
+        if problem:
+            problems.append(problem)
             continue
-        size = path.stat().st_size
-        if size != entry.get("bytes"):
-            problems.append(f"{path}: {size} bytes, manifest says {entry.get('bytes')} (truncated or changed)")
-        elif verify_hashes and _file_entry(path)["sha256"] != entry.get("sha256"):
-            problems.append(f"{path}: sha256 does not match the manifest (corrupted)")
+        tensors = []
+        if fname.endswith(".safetensors"):
+            header, _ = header_problems(path, manifest, fname)
+            problems.extend(header)
+            # Tensor hashes only where the header agrees: then the ranges are known to be sane.
+            tensors = [] if header else sorted((e for _, e in entries_in(manifest, fname)),
+                                               key=lambda e: e["offsets"])
+        if verify_hashes:
+            try:
+                whole, parts = safetensors_io.digests(str(path), [e["offsets"] for e in tensors])
+            except OSError as exc:
+                problems.append(f"{path}: unreadable: {_why(exc)}")
+                continue
+            if whole != entry["sha256"]:
+                problems.append(f"{path}: sha256 does not match the manifest (corrupted)")
+            problems.extend(f"{path}: tensor '{e['name']}' sha256 does not match the manifest (corrupted)"
+                            for e, digest in zip(tensors, parts) if digest != e["sha256"])
     return problems
 
 
+def file_problem(path: Path, entry: dict) -> str | None:
+    """A listed file that is missing or has the wrong size, or None."""
+    if not path.is_file():
+        return f"{path}: missing"
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        return f"{path}: unreadable: {_why(exc)}"
+    if size != entry["bytes"]:
+        return f"{path}: {size} bytes, manifest says {entry['bytes']} (truncated or changed)"
+    return None
+
+
+def header_problems(path: Path, manifest: dict, fname: str) -> tuple[list[str], dict]:
+    """(problems, header index) comparing a safetensors header with the manifest's entries."""
+    try:
+        _, index = safetensors_io.read_index(str(path))
+    except safetensors_io.HeaderError as exc:
+        return [f"{path}: bad safetensors header: {exc}"], {}
+    except OSError as exc:
+        return [f"{path}: unreadable: {_why(exc)}"], {}
+    problems = []
+    listed = set()
+    for _, entry in entries_in(manifest, fname):
+        name = entry["name"]
+        listed.add(name)
+        got = index.get(name)
+        if got is None:
+            problems.append(f"{path}: tensor '{name}' listed in the manifest is missing")
+        elif (got["dtype"], got["shape"], got["offsets"]) != (entry["dtype"], entry["shape"], entry["offsets"]):
+            problems.append(f"{path}: tensor '{name}' is {got['dtype']}{got['shape']} at {got['offsets']}, "
+                            f"manifest says {entry['dtype']}{entry['shape']} at {entry['offsets']}")
+    for name in sorted(set(index) - listed):
+        problems.append(f"{path}: tensor '{name}' is not listed in the manifest")
+    return problems, index
+
+
+def _first(problems: list[str]) -> str:
+    more = len(problems) - 1
+    return problems[0] + (f" (+{more} more problem{'s' if more > 1 else ''})" if more else "")
+
+
 def load_tensors(ckpt: Path, manifest: dict, files=FILES, verify_hashes: bool = True) -> dict:
-    """Flat name -> mx.array for the tensors in `files`, checked against the manifest index."""
+    """Flat name -> evaluated mx.array for the tensors in `files`, checked against the manifest.
+
+    `manifest` must come from `read_manifest` (its structure is checked there). Every listed file
+    is checked first (`check_files`; hashes only with verify_hashes), so `mx.load` only ever sees
+    headers that were validated. Raises CheckpointError for the first problem, returns nothing
+    partial.
+    """
     import mlx.core as mx
 
     problems = check_files(ckpt, manifest, verify_hashes)
     if problems:
-        raise CheckpointError(problems[0] + (f" (+{len(problems) - 1} more problems)" if len(problems) > 1 else ""))
+        raise CheckpointError(_first(problems))
     out = {}
     for fname in files:
-        if fname not in manifest["files"]:
-            continue
+        path = ckpt / fname
         try:
-            loaded = mx.load(str(ckpt / fname))
+            loaded = mx.load(str(path))
         except Exception as exc:  # MLX raises plain RuntimeError/ValueError on bad files
-            raise CheckpointError(f"{ckpt / fname}: unreadable safetensors ({exc})") from None
-        for key, entry in manifest["tensors"].items():
-            if entry.get("file") != fname:
-                continue
+            raise CheckpointError(f"{path}: unreadable safetensors ({exc})") from None
+        for _, entry in entries_in(manifest, fname):
             name = entry["name"]
             arr = loaded.get(name)
-            if arr is None:
-                raise CheckpointError(f"{ckpt / fname}: tensor '{name}' listed in the manifest is missing")
-            if list(arr.shape) != entry["shape"] or str(arr.dtype).split(".")[-1] != entry["dtype"]:
-                raise CheckpointError(f"{ckpt / fname}: tensor '{name}' is {arr.dtype}{list(arr.shape)}, "
-                                      f"manifest says {entry['dtype']}{entry['shape']}")
+            if arr is None or list(arr.shape) != entry["shape"] or str(arr.dtype).split(".")[-1] != entry["dtype"]:
+                raise CheckpointError(f"{path}: tensor '{name}' does not read back as "
+                                      f"{entry['dtype']}{entry['shape']}")
             out[name] = arr
+    try:
+        mx.eval(list(out.values()))  # read now, so a file that changes later cannot half-load
+    except Exception as exc:
+        raise CheckpointError(f"{ckpt}: reading tensors failed ({exc})") from None
     return out

@@ -34,6 +34,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
+    attn_bias: bool = False  # biases on the q/k/v projections (Qwen2-style models)
     # Mixture of experts. moe_experts == 1 means every FFN is dense.
     moe_experts: int = 1
     moe_topk: int = 1
@@ -83,6 +84,9 @@ class TrainConfig:
     tokenizer: str = "bytes"  # "bytes" or "sp:N"
     data: list[str] = field(default_factory=list)  # empty = bundled corpus
     dispatch: str = "auto"  # MoE dispatch backend
+    max_bad_steps: int = 5  # stop after this many consecutive non-finite (skipped) steps
+    spike_factor: float = 3.0  # log a loss above this x the recent mean as a spike; 0 = off
+    spike_window: int = 20  # steps in that recent mean
 
 
 PRESET_SECTIONS = {"model": ModelConfig, "train": TrainConfig}
@@ -173,10 +177,11 @@ def validate(model: ModelConfig, train: TrainConfig | None = None) -> None:
         raise TinyMoeError("router loss weights must be >= 0")
     if train is None:
         return
-    for name in ["steps", "batch_size", "grad_accum", "eval_batches", "log_every"]:
+    for name in ["steps", "batch_size", "grad_accum", "eval_batches", "log_every", "max_bad_steps",
+                 "spike_window"]:
         if getattr(train, name) <= 0:
             raise TinyMoeError(f"{name} must be positive, got {getattr(train, name)}")
-    for name in ["warmup_steps", "eval_every", "save_every", "weight_decay", "grad_clip"]:
+    for name in ["warmup_steps", "eval_every", "save_every", "weight_decay", "grad_clip", "spike_factor"]:
         if getattr(train, name) < 0:
             raise TinyMoeError(f"{name} must be >= 0, got {getattr(train, name)}")
     if not train.lr > 0:

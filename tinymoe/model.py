@@ -46,9 +46,9 @@ class Attention(nn.Module):
         super().__init__()
         d, dh = cfg.d_model, cfg.head_dim
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, dh
-        self.wq = nn.Linear(d, cfg.n_heads * dh, bias=False)
-        self.wk = nn.Linear(d, cfg.n_kv_heads * dh, bias=False)
-        self.wv = nn.Linear(d, cfg.n_kv_heads * dh, bias=False)
+        self.wq = nn.Linear(d, cfg.n_heads * dh, bias=cfg.attn_bias)
+        self.wk = nn.Linear(d, cfg.n_kv_heads * dh, bias=cfg.attn_bias)
+        self.wv = nn.Linear(d, cfg.n_kv_heads * dh, bias=cfg.attn_bias)
         self.wo = nn.Linear(cfg.n_heads * dh, d, bias=False)
         self.wo.weight = self.wo.weight * out_scale
         self.rope = nn.RoPE(dh, base=cfg.rope_theta)

@@ -217,6 +217,10 @@ def load_tokenizer(entry: dict, ckpt_dir: Path):
     kind = entry.get("kind") if isinstance(entry, dict) else None
     if kind == "bytes":
         return ByteTokenizer()
+    if kind == "hf":  # an imported Hugging Face tokenizer.json (tinymoe import / upcycle)
+        from tinymoe.interop.hf_tokenizer import load_hf_tokenizer
+
+        return load_hf_tokenizer(entry, ckpt_dir)
     if kind != "sp":
         raise TinyMoeError(f"{ckpt_dir}: manifest names unknown tokenizer kind {kind!r}")
     path = Path(ckpt_dir) / entry.get("file", SentencePieceTokenizer.file_name)

@@ -4,7 +4,9 @@ One optimizer step = `grad_accum` micro-batches of (batch_size, context) tokens.
 averaged over the micro-batches, clipped to a global norm, then AdamW updates the weights. When
 the MoE dispatch backend has no host synchronisation the gradient and update functions are
 `mx.compile`d with the model and optimizer state as explicit inputs/outputs; with `grouped`
-(segment lengths read on the host) they run eagerly.
+(segment lengths read on the host) they run eagerly. The loss and gradient norm are checked on
+the host before the update: a non-finite step is skipped, leaving weights and optimizer state
+untouched, and counted; too many in a row stop the run (tinymoe.monitor).
 
 Everything needed to continue exactly is in the checkpoint: weights, optimizer state (incl. its
 step count, which drives the learning-rate schedule) and the batch sampler's RNG state. MLX's
@@ -36,6 +38,7 @@ from tinymoe.dispatch import COMPILABLE
 from tinymoe.errors import TinyMoeError
 from tinymoe.evaluate import evaluate
 from tinymoe.model import Model, count_params
+from tinymoe.monitor import HealthMonitor
 from tinymoe.progress import ProgressBar
 from tinymoe.tokenizer import ByteTokenizer, parse_tokenizer_spec, train_sentencepiece
 
@@ -51,6 +54,7 @@ class RunData:
     val_tokens: np.ndarray  # (N_val,)
     domain_names: list
     sources: list
+    val_domain_ids: np.ndarray | None = None  # (N_val,) index into domain_names, for routing analysis
 
 
 def prepare_data(train: TrainConfig, tokenizer=None) -> RunData:
@@ -62,7 +66,8 @@ def prepare_data(train: TrainConfig, tokenizer=None) -> RunData:
         tokenizer = ByteTokenizer() if kind == "bytes" else train_sentencepiece([d.text for d in docs], vocab)
     data = tokenize_documents(docs, tokenizer, cache_dir() / "tokens")
     tr, va = split_train_val(data, train.val_fraction)
-    return RunData(tokenizer, np.asarray(tr.tokens), np.asarray(va.tokens), data.domain_names, sources)
+    return RunData(tokenizer, np.asarray(tr.tokens), np.asarray(va.tokens), data.domain_names, sources,
+                   np.asarray(va.domain_ids))
 
 
 def lr_schedule(train: TrainConfig):
@@ -102,8 +107,9 @@ class Stepper:
             # value_and_grad swaps traced arrays into the model, so its state is an output too.
             self._grad = mx.compile(grad_fn, inputs=[model.state], outputs=[model.state])
             self._apply = mx.compile(apply, inputs=state, outputs=state)
+            self._norm = mx.compile(global_norm)
         else:
-            self._grad, self._apply = grad_fn, apply
+            self._grad, self._apply, self._norm = grad_fn, apply, global_norm
 
     def step(self, next_batches) -> dict:
         """Run one step over the (inputs, targets) micro-batches that `next_batches` yields
@@ -119,24 +125,35 @@ class Stepper:
             grads = tree_map(lambda g: g / n, grads)
             sums = tuple(v / n for v in sums)
         lr = self.optimizer.learning_rate.item()  # the rate this update uses (read before the update)
-        norm = self._apply(grads)
-        mx.eval(self.model.parameters(), self.optimizer.state, norm, *sums)
+        # Checked on the host before the update: a non-finite step must leave the weights and the
+        # optimizer state (moments, step count) exactly as they were, so `apply` never runs.
+        norm = self._norm(grads)
+        mx.eval(grads, norm, *sums)
+        finite = all(math.isfinite(v.item()) for v in (sums[0], sums[1], norm))
+        if finite:
+            norm = self._apply(grads)
+            mx.eval(self.model.parameters(), self.optimizer.state, norm)
         total, ce, balance, z, load = sums
         return {"loss": ce.item(), "total_loss": total.item(), "balance_loss": balance.item(),
                 "z_loss": z.item(), "grad_norm": norm.item(), "lr": lr,
-                "load": np.array(load).round(5).tolist()}
+                "load": np.array(load).round(5).tolist(), "skipped": not finite}
 
 
 class Trainer:
     def __init__(self, model_cfg: ModelConfig, train: TrainConfig, run_dir: Path, *,
-                 resume: dict | None = None, progress: bool = True, keep: int = 0):
-        """resume: {"manifest", "ckpt", "tokenizer", "weights", "optimizer"} from a checkpoint."""
+                 resume: dict | None = None, progress: bool = True, keep: int = 0,
+                 init: dict | None = None):
+        """resume: {"manifest", "ckpt", "tokenizer", "weights", "optimizer"} from a checkpoint.
+        init: {"weights", "tokenizer"}: a new run (step 0, fresh optimizer) from those weights."""
         self.train, self.run_dir, self.keep = train, Path(run_dir), keep
         mx.random.seed(train.seed)
-        self.data = prepare_data(train, resume["tokenizer"] if resume else None)
+        self.data = prepare_data(train, resume["tokenizer"] if resume else init["tokenizer"] if init else None)
         model_cfg.vocab_size = self.data.tokenizer.vocab_size
         self.cfg = model_cfg
         self.model = Model(model_cfg, train.dispatch)
+        if init:  # tinymoe train --init: start from a checkpoint's weights (e.g. an upcycled model)
+            self.model.update(tree_unflatten(list(init["weights"].items())))
+            mx.eval(self.model.parameters())
         self.optimizer = optim.AdamW(learning_rate=lr_schedule(train), betas=[train.beta1, train.beta2],
                                      weight_decay=train.weight_decay)
         self.optimizer.init(self.model.trainable_parameters())
@@ -145,6 +162,8 @@ class Trainer:
                                f"after the validation split; one window needs context+1 = {model_cfg.context + 1}")
         self.sampler = BatchSampler(self.data.train_tokens, train.batch_size, model_cfg.context, train.seed)
         self.step, self.tokens_seen = 0, 0
+        self.health = HealthMonitor(train.max_bad_steps, train.spike_factor, train.spike_window)
+        self.last_checkpoint = None  # the newest checkpoint of this run: kept intact when we stop
         if resume:
             self._restore(resume)
         self.progress = ProgressBar(train.steps, self.step, progress, train.log_every)
@@ -159,14 +178,19 @@ class Trainer:
         self.optimizer.state = tree_unflatten(list(opt.items()))
         self.step, self.tokens_seen = m["step"], m.get("tokens_seen", 0)
         self.sampler.load_state(m["data"]["sampler"])
+        self.health.load_state(m.get("health", {}))
+        self.last_checkpoint = resume["ckpt"]
         mx.eval(self.model.parameters(), self.optimizer.state)
 
     # -- loop ------------------------------------------------------------------------------
     def run(self) -> dict:
         t = self.train
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._trim_metrics()
-        metrics_file = open(self.run_dir / "metrics.jsonl", "a")
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._trim_metrics()
+            metrics_file = open(self.run_dir / "metrics.jsonl", "a")
+        except OSError as exc:
+            raise TinyMoeError(f"{self.run_dir}: cannot write the run directory: {exc.strerror or exc}") from None
         last, val = {}, {}
         window_start, window_tokens = time.perf_counter(), 0
         try:
@@ -174,19 +198,22 @@ class Trainer:
                 last = self.stepper.step(self.sampler.next_batch for _ in range(t.grad_accum))
                 self.step += 1
                 self.tokens_seen += t.grad_accum * t.batch_size * self.cfg.context
-                if not math.isfinite(last["loss"]):
-                    raise TinyMoeError(f"training diverged at step {self.step}: loss is {last['loss']}; "
-                                       f"try a lower --lr (last checkpoint kept)")
+                stop = self._observe(last)
                 window_tokens += t.grad_accum * t.batch_size * self.cfg.context
                 elapsed = time.perf_counter() - window_start
                 tok_s = window_tokens / elapsed if elapsed > 0 else 0.0
                 self.progress.update(self.step, loss=last["loss"], lr=last["lr"], **{"tok/s": round(tok_s)})
-                if self.step % t.log_every == 0 or self.step == t.steps:
-                    record = {"step": self.step, **last, "tokens_per_s": round(tok_s, 1),
+                if self.step % t.log_every == 0 or self.step == t.steps or last["skipped"] or last.get("spike"):
+                    # Skipped and spike steps are always logged; NaN/inf become null (strict JSON).
+                    record = {"step": self.step, **{k: v if not isinstance(v, float) or math.isfinite(v) else None
+                                                    for k, v in last.items()},
+                              "skipped_steps": self.health.skipped_steps, "tokens_per_s": round(tok_s, 1),
                               "tokens_seen": self.tokens_seen}
                     metrics_file.write(json.dumps(record) + "\n")
                     metrics_file.flush()
                     window_start, window_tokens = time.perf_counter(), 0
+                if stop:
+                    raise TinyMoeError(stop)
                 if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.steps:
                     val = self.validate()
                     if val["loss"] is not None:
@@ -194,15 +221,42 @@ class Trainer:
                         metrics_file.flush()
                         self.progress.message(f"step {self.step}: val loss {val['loss']:.4f} "
                                               f"bits/byte {val['bits_per_byte']:.4f}")
-                if (t.save_every and self.step % t.save_every == 0) or self.step == t.steps:
-                    path = self.save({"train_loss": last["loss"], "val_loss": val.get("loss"),
-                                      "val_bits_per_byte": val.get("bits_per_byte")})
+                # A scheduled save waits for a good step, so a checkpoint never lands inside a bad
+                # streak (the final step still saves: its weights are the last good ones).
+                if ((t.save_every and self.step % t.save_every == 0) and not last["skipped"]) or self.step == t.steps:
+                    path = self.save({"train_loss": last["loss"] if not last["skipped"] else None,
+                                      "val_loss": val.get("loss"), "val_bits_per_byte": val.get("bits_per_byte"),
+                                      "skipped_steps": self.health.skipped_steps})
                     self.progress.message(f"step {self.step}: saved {path}")
+        except OSError as exc:  # metrics.jsonl on a full or vanished disk (checkpoint errors are already ours)
+            raise TinyMoeError(f"{exc.filename or self.run_dir}: cannot write: {exc.strerror or exc}") from None
         finally:
             metrics_file.close()
             self.progress.close()
         return {"step": self.step, "train_loss": last.get("loss"), "val_loss": val.get("loss"),
-                "val_bits_per_byte": val.get("bits_per_byte"), "tokens_seen": self.tokens_seen}
+                "val_bits_per_byte": val.get("bits_per_byte"), "tokens_seen": self.tokens_seen,
+                "skipped_steps": self.health.skipped_steps}
+
+    def _observe(self, last: dict) -> str | None:
+        """Count a skipped step or check a loss for a spike; the stop message after too many
+        skipped steps in a row (raised by the loop once the step is logged)."""
+        h = self.health
+        if not last["skipped"]:
+            mean = h.good(last["loss"])
+            if mean is not None:
+                last["spike"] = True
+                self.progress.message(f"step {self.step}: loss spike {last['loss']:.4f} "
+                                      f"(over {h.spike_factor:g} x the recent mean {mean:.4f})")
+            return None
+        stop = h.bad()
+        self.progress.message(f"step {self.step}: loss {last['loss']}, grad norm {last['grad_norm']}: not finite, "
+                              f"update skipped ({h.consecutive_bad} in a row, {h.skipped_steps} in total)")
+        if not stop:
+            return None
+        kept = (f"the last good checkpoint {self.last_checkpoint} is intact" if self.last_checkpoint
+                else "no checkpoint had been saved yet")
+        return (f"step {self.step}: {h.consecutive_bad} consecutive steps with a non-finite loss or gradient "
+                f"(max_bad_steps {h.max_bad_steps}); training stopped and {kept}; try a lower --lr")
 
     def validate(self) -> dict:
         self.model.train(False)
@@ -220,12 +274,13 @@ class Trainer:
             "data": {"sources": self.data.sources, "domains": self.data.domain_names,
                      "train_tokens": int(self.data.train_tokens.size),
                      "val_tokens": int(self.data.val_tokens.size), "sampler": self.sampler.state()},
-            "metrics": metrics,
+            "metrics": metrics, "health": self.health.state(),
         }
         weights = dict(tree_flatten(self.model.parameters()))
         opt_state = dict(tree_flatten(self.optimizer.state))
-        return checkpoint.save(self.run_dir, self.step, weights, opt_state, manifest,
-                               self.data.tokenizer, self.keep)
+        self.last_checkpoint = checkpoint.save(self.run_dir, self.step, weights, opt_state, manifest,
+                                               self.data.tokenizer, self.keep)
+        return self.last_checkpoint
 
     def _trim_metrics(self) -> None:
         """On resume, drop log lines past the resumed step (written after that checkpoint)."""
@@ -245,16 +300,7 @@ def global_norm(grads) -> mx.array:
 
 def load_resume_state(path) -> dict:
     """Everything `Trainer(resume=...)` needs, read and checked from a checkpoint."""
-    from tinymoe.tokenizer import load_tokenizer
+    from tinymoe.loader import load_training_state
 
-    ckpt = checkpoint.resolve(path)
-    manifest = checkpoint.read_manifest(ckpt)
-    for key in ("train", "data"):
-        if key not in manifest:
-            raise checkpoint.CheckpointError(f"{ckpt}/manifest.json: missing '{key}' (not resumable)")
-    weights = checkpoint.load_tensors(ckpt, manifest, ("model.safetensors", "experts.safetensors"))
-    # Hashes were verified just above for every file the manifest lists.
-    optimizer = checkpoint.load_tensors(ckpt, manifest, ("optimizer.safetensors",), verify_hashes=False)
-    return {"manifest": manifest, "ckpt": ckpt, "weights": weights, "optimizer": optimizer,
-            "tokenizer": load_tokenizer(manifest["tokenizer"], ckpt)}
+    return load_training_state(path)
 

@@ -1,0 +1,49 @@
+"""`tinymoe export`: a checkpoint as a Hugging Face-format directory (mlx-lm, transformers)."""
+
+from __future__ import annotations
+
+import click
+
+from tinymoe.cli.common import print_json, user_errors
+
+ARCH_CHOICES = ["auto", "mixtral", "ernie4_5_moe", "qwen2_moe", "llama", "qwen2"]
+
+
+@click.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["hf"]), default="hf", show_default=True,
+              help="Output format: a Hugging Face model directory.")
+@click.option("--arch", type=click.Choice(ARCH_CHOICES), default="auto", show_default=True,
+              help="Target architecture; auto picks the first whose routing is identical to the model's.")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Directory to write.")
+@click.option("--check/--no-check", default=None,
+              help="Load the export with mlx-lm and compare logits (default: when mlx-lm is installed).")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier export in --out.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@user_errors
+def export(checkpoint, fmt, arch, out, check, overwrite, as_json):
+    """Write CHECKPOINT as a Hugging Face-format model directory in --out.
+
+    \b
+    Architectures (chosen so routing is identical, else refused with the reason):
+      mixtral       softmax top-k, renormalised; every layer MoE
+      ernie4_5_moe  softmax top-k, renormalised; dense layers allowed (--moe-every, --moe-first-dense)
+      qwen2_moe     softmax top-k, not renormalised (--no-router-norm); every layer MoE
+      llama, qwen2  dense models (qwen2 when the model has q/k/v biases)
+    The directory loads with mlx_lm.load / mlx_lm.generate and transformers.
+    """
+    from pathlib import Path
+
+    from tinymoe.interop.export import export_hf
+
+    report = export_hf(checkpoint, Path(out), arch, overwrite, check)
+    if as_json:
+        print_json(report)
+        return
+    click.echo(f"checkpoint   {report['checkpoint']}")
+    click.echo(f"architecture {report['architecture']} ({report['tensors']} tensors)")
+    match = {True: "encodes identically", False: "WARNING: encodes differently", None: "not checked"}
+    click.echo(f"tokenizer    {report['tokenizer']} -> tokenizer.json ({match[report['tokenizer_matches']]})")
+    if "mlx_lm_max_abs_logit_diff" in report:
+        click.echo(f"mlx-lm check max |logit diff| = {report['mlx_lm_max_abs_logit_diff']:.3g}")
+    click.echo(f"wrote        {report['out']}")

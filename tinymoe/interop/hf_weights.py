@@ -1,0 +1,228 @@
+"""Tensor names and layouts between tinymoe checkpoints and Hugging Face directories.
+
+tinymoe keeps experts stacked, (E, H, D) for w_gate/w_up and (E, D, H) for w_down; Hugging Face
+files keep one tensor per expert (`...experts.3.w1.weight`, or `gate_proj` for Qwen2-MoE and
+ERNIE), which both transformers and mlx-lm restack on load. Linear weights are (out, in) on both
+sides, so everything else is a rename.
+
+One layout change: ERNIE 4.5 applies RoPE to interleaved pairs (x[2i], x[2i+1]) where tinymoe
+rotates halves (x[i], x[i + Dh/2]) with the same frequencies. Reordering the rows of each head of
+the q and k projections by `rope_permutation` turns one into the other exactly, and attention
+scores are unchanged because q and k are reordered alike.
+
+Shapes: D model width, H FFN hidden width, E experts, Dh head width.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from tinymoe.config import ModelConfig
+from tinymoe.errors import TinyMoeError
+from tinymoe.interop.hf_config import QWEN2_MOE_SHARED_HIDDEN
+
+# Per MoE architecture: the FFN module name, the router name, HF names of (w_gate, w_up, w_down).
+MOE_LAYOUT = {
+    "mixtral": ("block_sparse_moe", "gate", ("w1", "w3", "w2")),
+    "qwen2_moe": ("mlp", "gate", ("gate_proj", "up_proj", "down_proj")),
+    "ernie4_5_moe": ("mlp", "gate", ("gate_proj", "up_proj", "down_proj")),
+}
+_ATTN = (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj"), ("wo", "o_proj"))
+_DENSE = (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj"))
+_EXPERTS = ("w_gate", "w_up", "w_down")
+
+
+def rope_permutation(head_dim: int) -> np.ndarray:
+    """Row order of one head for interleaved RoPE: new[2i] = old[i], new[2i+1] = old[i + Dh/2]."""
+    half = head_dim // 2
+    return np.stack([np.arange(half), np.arange(half) + half], axis=1).reshape(-1)  # (Dh,)
+
+
+def _permute_heads(w, head_dim: int, order: np.ndarray):
+    """Reorder the rows of every head of a (heads*Dh, ...) projection (or its bias)."""
+    import mlx.core as mx
+
+    shape = w.shape
+    heads = shape[0] // head_dim
+    return w.reshape(heads, head_dim, *shape[1:])[:, mx.array(order)].reshape(shape)
+
+
+def name_map(cfg: ModelConfig, arch: str) -> dict[str, str]:
+    """tinymoe tensor name -> HF tensor name, for the renamed (not restacked) tensors."""
+    names = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+    if not cfg.tie_embeddings:
+        names["lm_head.weight"] = "lm_head.weight"
+    for i in range(cfg.n_layers):
+        t, h = f"blocks.{i}", f"model.layers.{i}"
+        names[f"{t}.attn_norm.weight"] = f"{h}.input_layernorm.weight"
+        names[f"{t}.ffn_norm.weight"] = f"{h}.post_attention_layernorm.weight"
+        for ours, theirs in _ATTN:
+            names[f"{t}.attn.{ours}.weight"] = f"{h}.self_attn.{theirs}.weight"
+            if cfg.attn_bias and ours != "wo":
+                names[f"{t}.attn.{ours}.bias"] = f"{h}.self_attn.{theirs}.bias"
+        if cfg.layer_is_moe(i):
+            block, router, _ = MOE_LAYOUT[arch]
+            names[f"{t}.moe.router.weight"] = f"{h}.{block}.{router}.weight"
+        else:
+            for ours, theirs in _DENSE:
+                names[f"{t}.ffn.{ours}.weight"] = f"{h}.mlp.{theirs}.weight"
+    return names
+
+
+def expert_names(arch: str, layer: int, n_experts: int) -> dict[str, list[str]]:
+    """tinymoe stacked expert tensor -> the E per-expert HF names, in expert order."""
+    block, _, projs = MOE_LAYOUT[arch]
+    h = f"model.layers.{layer}.{block}.experts"
+    return {f"blocks.{layer}.moe.experts.{ours}": [f"{h}.{e}.{theirs}.weight" for e in range(n_experts)]
+            for ours, theirs in zip(_EXPERTS, projs)}
+
+
+def _is_rope_proj(name: str) -> bool:
+    return ".attn.wq." in name or ".attn.wk." in name
+
+
+def to_hf(cfg: ModelConfig, weights: dict, arch: str) -> dict:
+    """tinymoe weights (name -> mx.array) -> HF tensors (name -> mx.array), for `arch`."""
+    import mlx.core as mx
+
+    out = {}
+    for ours, theirs in name_map(cfg, arch).items():
+        w = weights[ours]
+        if arch == "ernie4_5_moe" and _is_rope_proj(ours):
+            w = _permute_heads(w, cfg.head_dim, rope_permutation(cfg.head_dim))
+        out[theirs] = w
+    if arch == "qwen2_moe":  # always un-tied in mlx-lm; the head is the embedding when tied
+        out["lm_head.weight"] = weights["lm_head.weight" if not cfg.tie_embeddings else "embed.weight"]
+    D = cfg.d_model
+    for i in range(cfg.n_layers):
+        h = f"model.layers.{i}"
+        if arch == "qwen2_moe":
+            for p in ("q_proj", "k_proj", "v_proj"):  # qkv_bias is always on in mlx-lm
+                if f"{h}.self_attn.{p}.bias" not in out:
+                    rows = out[f"{h}.self_attn.{p}.weight"].shape[0]
+                    out[f"{h}.self_attn.{p}.bias"] = mx.zeros((rows,), mx.float32)
+        if not cfg.layer_is_moe(i):
+            continue
+        for ours, per_expert in expert_names(arch, i, cfg.moe_experts).items():
+            stacked = weights[ours]  # (E, H, D) or (E, D, H)
+            for e, theirs in enumerate(per_expert):
+                out[theirs] = stacked[e]
+        if arch == "qwen2_moe":
+            s = QWEN2_MOE_SHARED_HIDDEN
+            out[f"{h}.mlp.shared_expert.gate_proj.weight"] = mx.zeros((s, D), mx.float32)
+            out[f"{h}.mlp.shared_expert.up_proj.weight"] = mx.zeros((s, D), mx.float32)
+            out[f"{h}.mlp.shared_expert.down_proj.weight"] = mx.zeros((D, s), mx.float32)
+            out[f"{h}.mlp.shared_expert_gate.weight"] = mx.zeros((1, D), mx.float32)
+        elif arch == "ernie4_5_moe":  # zero selection bias = plain softmax top-k
+            out[f"{h}.mlp.moe_statics.e_score_correction_bias"] = mx.zeros((1, cfg.moe_experts), mx.float32)
+    return out
+
+
+def _all_zero(a) -> bool:
+    import mlx.core as mx
+
+    return not bool(mx.any(a != 0).item())
+
+
+def from_hf(cfg: ModelConfig, hf: dict, arch: str, where: str) -> tuple[ModelConfig, dict]:
+    """HF tensors -> (config, tinymoe weights as float32). Extra parts that compute nothing
+    (zero biases, zero shared experts, zero selection biases) are dropped; any other tensor this
+    mapping does not place is an error, so nothing is silently ignored."""
+    import mlx.core as mx
+
+    hf = dict(hf)
+    hf = {k: v for k, v in hf.items() if not k.endswith("rotary_emb.inv_freq")}  # recomputed
+
+    def take(name: str):
+        if name not in hf:
+            raise TinyMoeError(f"{where}: tensor '{name}' is missing")
+        return hf.pop(name).astype(mx.float32)
+
+    if cfg.attn_bias:  # keep biases only when some are non-zero
+        biases = [v for k, v in hf.items() if k.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias"))]
+        if biases and all(_all_zero(b) for b in biases):
+            for k in [k for k in hf if k.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias"))]:
+                del hf[k]
+            cfg.attn_bias = False
+    if not cfg.tie_embeddings and "lm_head.weight" in hf and "model.embed_tokens.weight" in hf:
+        if mx.array_equal(hf["lm_head.weight"], hf["model.embed_tokens.weight"]).item():
+            cfg.tie_embeddings = True  # an exported tied model (Qwen2-MoE cannot say "tied")
+            del hf["lm_head.weight"]
+    if cfg.tie_embeddings:
+        hf.pop("lm_head.weight", None)  # some tied checkpoints still carry a copy
+    out = {}
+    for ours, theirs in name_map(cfg, arch).items():
+        w = take(theirs)
+        if arch == "ernie4_5_moe" and _is_rope_proj(ours):
+            w = _permute_heads(w, cfg.head_dim, np.argsort(rope_permutation(cfg.head_dim)))
+        out[ours] = w
+    for i in range(cfg.n_layers):
+        if not cfg.layer_is_moe(i):
+            continue
+        for ours, per_expert in expert_names(arch, i, cfg.moe_experts).items():
+            out[ours] = mx.stack([take(n) for n in per_expert])
+        h = f"model.layers.{i}.mlp"
+        if arch == "qwen2_moe":
+            parts = [hf.pop(f"{h}.shared_expert.{p}.weight", None) for p in ("gate_proj", "up_proj", "down_proj")]
+            hf.pop(f"{h}.shared_expert_gate.weight", None)
+            if any(p is not None for p in parts) and not any(p is not None and _all_zero(p) for p in parts):
+                raise TinyMoeError(f"{where}: layer {i} has a non-zero shared expert; importing shared "
+                                   f"experts needs tinymoe shared-expert support")
+        elif arch == "ernie4_5_moe":
+            bias = hf.pop(f"{h}.moe_statics.e_score_correction_bias", None)
+            if bias is not None and not _all_zero(bias):
+                raise TinyMoeError(f"{where}: layer {i} has a non-zero e_score_correction_bias "
+                                   f"(biased expert selection) that tinymoe's softmax top-k router lacks")
+            if any(k.startswith(f"{h}.shared_experts.") for k in hf):
+                parts = [hf.pop(k) for k in [k for k in hf if k.startswith(f"{h}.shared_experts.")]]
+                if not any(_all_zero(p) for p in parts):
+                    raise TinyMoeError(f"{where}: layer {i} has non-zero shared experts; importing shared "
+                                       f"experts needs tinymoe shared-expert support")
+    if hf:
+        extra = sorted(hf)
+        raise TinyMoeError(f"{where}: {len(extra)} tensor(s) tinymoe has no place for, e.g. '{extra[0]}'")
+    return cfg, out
+
+
+def read_safetensors_dir(directory: Path) -> dict:
+    """All tensors of an HF directory's model*.safetensors files (sharded or not), lazily."""
+    import mlx.core as mx
+
+    directory = Path(directory)
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise TinyMoeError(f"{index}: not a valid safetensors index ({exc})") from None
+    else:
+        files = sorted(p.name for p in directory.glob("model*.safetensors"))
+    if not files:
+        hint = " (PyTorch .bin weights are not supported; convert them to safetensors)" \
+            if any(directory.glob("*.bin")) else ""
+        raise TinyMoeError(f"{directory}: no model*.safetensors files{hint}")
+    tensors = {}
+    for name in files:
+        try:
+            tensors.update(mx.load(str(directory / name)))
+        except Exception as exc:  # MLX raises plain RuntimeError/ValueError on bad files
+            raise TinyMoeError(f"{directory / name}: unreadable safetensors ({exc})") from None
+    return tensors
+
+
+def check_shapes(cfg: ModelConfig, weights: dict, where: str) -> None:
+    """Every tensor a tinymoe Model of `cfg` expects is present with its shape, and no other."""
+    from mlx.utils import tree_flatten
+
+    from tinymoe.model import Model
+
+    expected = {k: v.shape for k, v in tree_flatten(Model(cfg, "dense").parameters())}  # lazy, never evaluated
+    missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    if missing or extra:
+        raise TinyMoeError(f"{where}: weights do not fit the model ({'missing ' + missing[0] if missing else 'unexpected ' + extra[0]})")
+    for k, shape in expected.items():
+        if tuple(weights[k].shape) != tuple(shape):
+            raise TinyMoeError(f"{where}: '{k}' has shape {tuple(weights[k].shape)}, the config implies {tuple(shape)}")

@@ -1,0 +1,119 @@
+"""Bring a Hugging Face-format model into tinymoe, and write weights-only checkpoints.
+
+`load_hf` reads config.json (hf_config decides whether tinymoe computes the same function),
+the safetensors files (hf_weights renames and restacks, float32 on the way in) and the tokenizer
+(hf_tokenizer). `load_source` accepts a tinymoe checkpoint or run directory as well, so upcycling
+takes either. `write_checkpoint` stores a model with no training state as step 0 of a run
+directory: `sample`, `eval`, `inspect` and `export` read it, `train --init` (or `--resume`, which
+then starts a fresh optimizer) continues from it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from tinymoe.config import ModelConfig, to_dict, validate
+from tinymoe.errors import TinyMoeError
+
+
+def load_hf(directory: Path, context: int | None = None) -> dict:
+    """{"cfg", "weights" (tinymoe names, float32 mx arrays), "tokenizer", "arch", "source"}."""
+    from tinymoe.interop import hf_config, hf_weights
+    from tinymoe.interop.hf_tokenizer import read_hf_tokenizer
+
+    directory = Path(directory)
+    where = str(directory)
+    cfg, arch = hf_config.hf_to_model_config(hf_config.read_hf_config(directory), where, context)
+    cfg, weights = hf_weights.from_hf(cfg, hf_weights.read_safetensors_dir(directory), arch, where)
+    validate(cfg)
+    hf_weights.check_shapes(cfg, weights, where)
+    tokenizer = read_hf_tokenizer(directory, cfg.vocab_size)
+    return {"cfg": cfg, "weights": weights, "tokenizer": tokenizer, "arch": arch, "source": where}
+
+
+def is_tinymoe(path: Path) -> bool:
+    return (path / "manifest.json").is_file() or (path / "latest").is_file() or (path / "checkpoints").is_dir()
+
+
+def load_source(source: str, context: int | None = None) -> dict:
+    """A tinymoe checkpoint/run directory, a Hugging Face directory, or a hub repository id."""
+    from tinymoe.interop.hub import resolve_source
+
+    path = resolve_source(source)
+    if is_tinymoe(path):
+        import dataclasses
+
+        from mlx.utils import tree_flatten
+
+        from tinymoe.loader import load_model
+
+        model, manifest, tokenizer, ckpt = load_model(path)
+        cfg = model.cfg if context is None else dataclasses.replace(model.cfg, context=context)
+        return {"cfg": cfg, "weights": dict(tree_flatten(model.parameters())), "tokenizer": tokenizer,
+                "arch": "tinymoe", "source": str(ckpt), "manifest": manifest}
+    if (path / "config.json").is_file():
+        return load_hf(path, context)
+    raise TinyMoeError(f"{source}: neither a tinymoe checkpoint (manifest.json) nor a Hugging Face "
+                       f"model directory (config.json)")
+
+
+def param_counts(cfg: ModelConfig, weights: dict) -> dict:
+    """Total parameters and those one token uses (K of E experts), as count_params reports."""
+    total = sum(int(w.size) for w in weights.values())
+    inactive = 0
+    for i in range(cfg.n_layers):
+        if cfg.layer_is_moe(i):
+            per_expert = sum(int(weights[f"blocks.{i}.moe.experts.{p}"][0].size) for p in ("w_gate", "w_up", "w_down"))
+            inactive += (cfg.moe_experts - cfg.moe_topk) * per_expert
+    return {"total": total, "active": total - inactive}
+
+
+def check_out(out: Path, overwrite: bool, source: str | None = None) -> bool:
+    """Whether `out` holds something to replace; refuses a non-empty directory unless
+    --overwrite and it is a tinymoe run, and never the source itself."""
+    out = Path(out)
+    if source is not None and Path(source).exists():
+        src = Path(source).resolve()
+        if src == out.resolve() or out.resolve() in src.parents:
+            raise TinyMoeError(f"{out}: the output directory holds the source; choose another --out")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise TinyMoeError(f"{out} already exists and is not empty; use --overwrite to replace it")
+        if not out.is_dir() or not is_tinymoe(out):
+            raise TinyMoeError(f"{out} is not a tinymoe run directory; refusing to overwrite it")
+        return True
+    return False
+
+
+def prepare_out(out: Path, overwrite: bool) -> None:
+    if check_out(out, overwrite):
+        shutil.rmtree(out)
+
+
+def write_checkpoint(out: Path, cfg: ModelConfig, weights: dict, tokenizer, provenance: dict,
+                     overwrite: bool = False) -> Path:
+    """Step 0 of run directory `out`: weights, model config, tokenizer; no optimizer state."""
+    from tinymoe import checkpoint
+
+    out = Path(out)
+    prepare_out(out, overwrite)
+    manifest = {"model": to_dict(cfg), "tokenizer": tokenizer.to_manifest(), "tokens_seen": 0,
+                "params": param_counts(cfg, weights), "source": provenance}
+    return checkpoint.save(out, 0, weights, {}, manifest, tokenizer)
+
+
+def import_hf(source: str, out: Path, context: int | None = None, overwrite: bool = False) -> dict:
+    """`tinymoe import`: a Hugging Face directory (or hub id) -> a tinymoe run directory."""
+    from tinymoe.interop.hub import resolve_source
+
+    check_out(Path(out), overwrite, source)
+    path = resolve_source(source)
+    loaded = load_hf(path, context)
+    cfg = loaded["cfg"]
+    ckpt = write_checkpoint(Path(out), cfg, loaded["weights"], loaded["tokenizer"],
+                            {"kind": "import", "from": source, "architecture": loaded["arch"]}, overwrite)
+    return {"checkpoint": str(ckpt), "architecture": loaded["arch"], "tokenizer": loaded["tokenizer"].kind,
+            "moe_experts": cfg.moe_experts, "moe_topk": cfg.moe_topk, "router_norm": cfg.router_norm,
+            "moe_layers": [i for i in range(cfg.n_layers) if cfg.layer_is_moe(i)],
+            "params": param_counts(cfg, loaded["weights"])}
