@@ -6,7 +6,7 @@ import click
 
 from tinymoe.cli.common import print_json, user_errors
 
-ARCH_CHOICES = ["auto", "mixtral", "ernie4_5_moe", "qwen2_moe", "llama", "qwen2"]
+ARCH_CHOICES = ["auto", "mixtral", "ernie4_5_moe", "qwen2_moe", "glm4_moe", "llama", "qwen2"]
 
 
 @click.command()
@@ -25,12 +25,15 @@ def export(checkpoint, fmt, arch, out, check, overwrite, as_json):
     """Write CHECKPOINT as a Hugging Face-format model directory in --out.
 
     \b
-    Architectures (chosen so routing is identical, else refused with the reason):
-      mixtral       softmax top-k, renormalised; every layer MoE
-      ernie4_5_moe  softmax top-k, renormalised; dense layers allowed (--moe-every, --moe-first-dense)
-      qwen2_moe     softmax top-k, not renormalised (--no-router-norm); every layer MoE
+    Architectures (chosen so inference routing is identical, else refused with the reason):
+      mixtral       softmax top-k, renormalised; every layer MoE; no shared experts
+      ernie4_5_moe  softmax top-k, renormalised; dense layers allowed; shared experts
+      qwen2_moe     softmax top-k, not renormalised (--no-router-norm, switch); every layer MoE
+      glm4_moe      sigmoid-bias router (DeepSeek-V3 style); first N layers dense; shared experts
       llama, qwen2  dense models (qwen2 when the model has q/k/v biases)
-    The directory loads with mlx_lm.load / mlx_lm.generate and transformers.
+    Routers topk, jitter, noisy, smart and switch export by their inference function;
+    expert-choice and dynamic are refused. The directory loads with mlx_lm.load /
+    mlx_lm.generate and transformers.
     """
     from pathlib import Path
 

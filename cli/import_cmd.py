@@ -19,8 +19,8 @@ def import_cmd(source, out, context, overwrite, as_json):
     """Bring the Hugging Face model SOURCE into tinymoe as a checkpoint in --out.
 
     SOURCE is a local directory (config.json, model*.safetensors, tokenizer files) or a hub
-    repository id. Supported: mixtral, qwen2_moe, ernie4_5_moe (softmax top-k MoE) and the dense
-    llama and qwen2. The result samples, evaluates, inspects and trains like any checkpoint
+    repository id. Supported: mixtral, qwen2_moe, ernie4_5_moe (softmax top-k MoE), glm4_moe
+    (sigmoid scores with a selection bias: router sigmoid-bias) and the dense llama and qwen2. The result samples, evaluates, inspects and trains like any checkpoint
     (tinymoe train --init OUT --out RUN).
     """
     from pathlib import Path

@@ -11,6 +11,7 @@ from tinymoe.cli.eval import eval_cmd
 from tinymoe.cli.export import export
 from tinymoe.cli.import_cmd import import_cmd
 from tinymoe.cli.inspect import inspect_cmd
+from tinymoe.cli.plan import plan
 from tinymoe.cli.plot import plot
 from tinymoe.cli.route import route
 from tinymoe.cli.sample import sample
@@ -35,7 +36,7 @@ def cli():
 
 
 for command in (train, sample, eval_cmd, inspect_cmd, doctor, route, plot, validate_cmd, selftest,
-                upcycle, export, import_cmd):
+                upcycle, export, import_cmd, plan):
     cli.add_command(command)
 
 

@@ -31,16 +31,29 @@ from tinymoe.cli.common import UserError, print_json, user_errors
               "(default: the last MoE layer).")
 @click.option("--color/--no-color", "color", default=None,
               help="Force colour on or off (default: on for a terminal, off when NO_COLOR is set).")
+@click.option("--resident-experts", type=click.IntRange(min=1), default=None,
+              help="Keep at most N experts per MoE layer in memory (LRU, read on demand from the "
+                   "memory-mapped checkpoint); reports the cache hit rate.")
 @click.option("--json", "as_json", is_flag=True, help="Print {prompt, text, tokens, tokens_per_s} as JSON "
               "(with --show-routing also routing: {layers, tokens: [{id, text, experts, gates, prompt}]}).")
 @user_errors
 def sample(checkpoint, prompt, max_tokens, temperature, top_k, top_p, seed, dispatch, show_routing, layer,
-           color, as_json):
+           color, as_json, resident_experts=None):
     """Generate text from CHECKPOINT (a checkpoint or run directory)."""
     from tinymoe.loader import load_model
+    from tinymoe.router_config import require_causal
     from tinymoe.sample import generate
 
-    model, manifest, tokenizer, _ = load_model(checkpoint, dispatch)
+    caches = None
+    if resident_experts is not None:
+        from tinymoe.offload import load_model_offloaded
+
+        if show_routing:  # the offloaded layers see renumbered expert ids
+            raise UserError("--resident-experts cannot be combined with --show-routing")
+        model, manifest, tokenizer, _, caches = load_model_offloaded(checkpoint, resident_experts, dispatch)
+    else:
+        model, manifest, tokenizer, _ = load_model(checkpoint, dispatch)
+    require_causal(model.cfg)  # before any output: expert-choice routing cannot generate
     prompt_ids = tokenizer.encode(prompt or "\n")
     if not prompt_ids:
         raise UserError("the prompt encodes to no tokens")
@@ -66,11 +79,19 @@ def sample(checkpoint, prompt, max_tokens, temperature, top_k, top_p, seed, disp
     seconds = time.perf_counter() - start
     text = tokenizer.decode(generated)
     tok_s = len(generated) / seconds if seconds > 0 else 0.0
+    stats = None
+    if caches is not None:
+        from tinymoe.offload import cache_stats
+
+        stats = cache_stats(caches)
     if as_json:
-        print_json({"prompt": prompt, "text": text, "tokens": len(generated), "tokens_per_s": round(tok_s, 1)})
+        print_json({"prompt": prompt, "text": text, "tokens": len(generated), "tokens_per_s": round(tok_s, 1),
+                    **({"expert_cache": stats} if stats else {})})
         return
     click.echo(text[len(printed):])
-    click.echo(f"\n[{len(generated)} tokens, {tok_s:.1f} tokens/s]", err=True)
+    cache_note = (f", expert cache hit rate {stats['hit_rate']:.1%} ({stats['misses']} loads)"
+                  if stats and stats["hit_rate"] is not None else "")
+    click.echo(f"\n[{len(generated)} tokens, {tok_s:.1f} tokens/s{cache_note}]", err=True)
 
 
 def pick_layer(model, layer: int | None) -> int:

@@ -18,6 +18,21 @@ MODEL_FLAGS = {
     "moe_first_dense": (int, "Keep the first N layers dense."),
     "aux_loss_weight": (float, "Weight of the load-balancing loss."),
     "z_loss_weight": (float, "Weight of the router z-loss."),
+    "router": (str, "Router: topk (default), switch, noisy, jitter, sigmoid-bias, expert-choice, smart, dynamic "
+                    "(docs/routers.md)."),
+    "router_order": (str, "topk/jitter/smart: softmax-topk (default) or topk-softmax (Mixtral)."),
+    "noise_scale": (float, "noisy: scale of the learned-std logit noise (0 = none)."),
+    "jitter_eps": (float, "jitter/switch/smart: router input times U(1-eps, 1+eps) in training."),
+    "bias_rate": (float, "sigmoid-bias: step of the auxiliary-loss-free balancing bias."),
+    "router_groups": (int, "topk/sigmoid-bias: experts in this many groups (node-limited routing)."),
+    "router_group_topk": (int, "topk/sigmoid-bias: a token picks from its best this many groups."),
+    "entropy_weight": (float, "Weight of the router entropy bonus (-1 = router default: 0.01 for smart)."),
+    "capacity_factor": (float, "Expert capacity in training, x T*K/E slots (0 = dropless)."),
+    "eval_capacity_factor": (float, "Expert capacity in evaluation (0 = dropless)."),
+    "k_min": (int, "dynamic: fewest experts per token."),
+    "k_max": (int, "dynamic: most experts per token (0 = --moe-topk)."),
+    "dynamic_threshold": (float, "dynamic: probability mass the chosen experts must reach."),
+    "shared_experts": (int, "Always-active shared experts per MoE layer (DeepSeekMoE)."),
     "d_model": (int, "Model width."),
     "n_layers": (int, "Transformer blocks."),
     "n_heads": (int, "Attention heads."),
@@ -36,6 +51,9 @@ TRAIN_FLAGS = {
     "log_every": (int, "Write metrics.jsonl every N steps."),
     "seed": (int, "Random seed (weights, batches)."),
     "tokenizer": (str, "bytes (default) or sp:N, a sentencepiece BPE of vocab N trained on the data."),
+    "optimizer": (click.Choice(["adamw", "sparse-adamw"]), "adamw, or sparse-adamw: AdamW whose expert state is "
+                  "created only for experts that receive gradient (see docs/memory.md)."),
+    "optimizer_state_dtype": (click.Choice(["float32", "bfloat16"]), "Dtype of sparse-adamw's moments."),
     "max_bad_steps": (int, "Stop after this many consecutive steps with a non-finite loss or gradient "
                            "(each is skipped without updating the weights)."),
 }
@@ -190,7 +208,9 @@ def _run(model_cfg, train_cfg, run_dir, resume, keep, quiet, as_json, init=None)
     trainer = Trainer(model_cfg, train_cfg, run_dir, resume=resume, progress=not quiet, keep=keep, init=init)
     params = count_params(trainer.model)
     if not quiet:
-        kind = (f"MoE {model_cfg.moe_experts} experts top-{model_cfg.moe_topk}" if model_cfg.is_moe else "dense")
+        kind = (f"MoE {model_cfg.moe_experts} experts top-{model_cfg.moe_topk}, router {model_cfg.router}"
+                + (f", {model_cfg.shared_experts} shared" if model_cfg.shared_experts else "")
+                if model_cfg.is_moe else "dense")
         click.echo(f"model: {kind}, {model_cfg.n_layers} layers, d_model {model_cfg.d_model}, "
                    f"params {params['total']:,} total / {params['active']:,} active per token", err=True)
         click.echo(f"data: {trainer.data.train_tokens.size:,} train / {trainer.data.val_tokens.size:,} val tokens "

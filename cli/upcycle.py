@@ -12,7 +12,8 @@ from tinymoe.cli.common import print_json, user_errors
 @click.option("--moe-experts", "experts", type=int, required=True, help="Experts per MoE layer (E >= 2).")
 @click.option("--moe-topk", "topk", type=int, required=True, help="Experts each token is routed to (K).")
 @click.option("--shared-experts", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Shared experts initialised from the dense FFN (needs shared-expert support).")
+              help="Always-active shared experts, also initialised from the dense FFN (the shared and the "
+              "routed part each start with half of its output).")
 @click.option("--drop-fraction", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
               help="Drop-Upcycling: fraction of each expert's hidden units re-initialised (0 = exact copies).")
 @click.option("--every-n", "every", type=click.IntRange(min=1), default=1, show_default=True,
@@ -52,7 +53,8 @@ def upcycle(source, experts, topk, shared_experts, drop_fraction, every, first_d
         return
     check = report["identity_check"]
     click.echo(f"source       {report['source']} ({report['source_architecture']}, tokenizer {report['tokenizer']})")
-    click.echo(f"MoE layers   {report['moe_layers']}: {experts} experts, top-{topk}, "
+    shared = f" + {shared_experts} shared" if shared_experts else ""
+    click.echo(f"MoE layers   {report['moe_layers']}: {experts} experts{shared}, top-{topk}, "
                f"drop fraction {drop_fraction}, router norm {'on' if router_norm else 'off'}")
     click.echo(f"params       {report['params']['total']:,} total / {report['params']['active']:,} active per token")
     verdict = ("float32 noise: identical" if check["within_float32_noise"] else

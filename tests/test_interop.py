@@ -43,8 +43,10 @@ def hf_tokenizer_files(path, vocab=280):
 
 
 def build_hf_dir(path, arch, *, vocab=300, d=32, layers=3, heads=4, kv=2, ff=64, moe_ff=48, experts=4,
-                 topk=2, tie=False, seed=0, **extra):
-    """A random `arch` model in Hugging Face layout (one tensor per expert)."""
+                 topk=2, tie=False, seed=0, shared=0, **extra):
+    """A random `arch` model in Hugging Face layout (one tensor per expert); `shared` experts
+    (of width shared x moe_ff) get random weights, else the file carries what the format
+    always has (Qwen2-MoE: a shared expert whose down_proj is zero; GLM: one zero shared expert)."""
     rng = np.random.default_rng(seed)
     path.mkdir(parents=True, exist_ok=True)
     dh = d // heads
@@ -59,7 +61,14 @@ def build_hf_dir(path, arch, *, vocab=300, d=32, layers=3, heads=4, kv=2, ff=64,
                    shared_expert_intermediate_size=16, norm_topk_prob=False, decoder_sparse_step=1)
     elif arch == "ernie4_5_moe":
         cfg.update(moe_num_experts=experts, moe_k=topk, moe_intermediate_size=moe_ff, moe_layer_start_index=1,
-                   moe_layer_interval=1, moe_num_shared_experts=0, use_bias=False)
+                   moe_layer_interval=1, moe_num_shared_experts=shared, use_bias=False)
+    elif arch == "glm4_moe":
+        cfg.update(n_routed_experts=experts, num_experts_per_tok=topk, moe_intermediate_size=moe_ff,
+                   n_shared_experts=max(shared, 1), first_k_dense_replace=1, norm_topk_prob=True,
+                   routed_scaling_factor=1.0, n_group=1, topk_group=1, use_qk_norm=False,
+                   partial_rotary_factor=1.0, attention_bias=False, head_dim=dh, rope_scaling=None)
+    if arch == "qwen2_moe" and shared:
+        cfg["shared_expert_intermediate_size"] = shared * moe_ff
     cfg.update(extra)
     (path / "config.json").write_text(json.dumps(cfg))
     t = {"model.embed_tokens.weight": _w(rng, vocab, d, scale=1.0), "model.norm.weight": 1 + _w(rng, d)}
@@ -74,7 +83,7 @@ def build_hf_dir(path, arch, *, vocab=300, d=32, layers=3, heads=4, kv=2, ff=64,
             if arch in ("qwen2", "qwen2_moe"):
                 t[f"{h}.self_attn.{name}.bias"] = _w(rng, rows)
         t[f"{h}.self_attn.o_proj.weight"] = _w(rng, d, heads * dh)
-        moe = arch in ("mixtral", "qwen2_moe") or (arch == "ernie4_5_moe" and i >= 1)
+        moe = arch in ("mixtral", "qwen2_moe") or (arch in ("ernie4_5_moe", "glm4_moe") and i >= 1)
         if not moe:
             t[f"{h}.mlp.gate_proj.weight"] = _w(rng, ff, d)
             t[f"{h}.mlp.up_proj.weight"] = _w(rng, ff, d)
@@ -87,13 +96,22 @@ def build_hf_dir(path, arch, *, vocab=300, d=32, layers=3, heads=4, kv=2, ff=64,
             t[f"{h}.{block}.experts.{e}.{names[0]}.weight"] = _w(rng, moe_ff, d)
             t[f"{h}.{block}.experts.{e}.{names[1]}.weight"] = _w(rng, moe_ff, d)
             t[f"{h}.{block}.experts.{e}.{names[2]}.weight"] = _w(rng, d, moe_ff)
-        if arch == "qwen2_moe":  # a shared expert that contributes nothing (down_proj = 0)
-            t[f"{h}.mlp.shared_expert.gate_proj.weight"] = _w(rng, 16, d)
-            t[f"{h}.mlp.shared_expert.up_proj.weight"] = _w(rng, 16, d)
-            t[f"{h}.mlp.shared_expert.down_proj.weight"] = mx.zeros((d, 16))
-            t[f"{h}.mlp.shared_expert_gate.weight"] = _w(rng, 1, d)
+        if arch == "qwen2_moe":
+            s = cfg["shared_expert_intermediate_size"]
+            t[f"{h}.mlp.shared_expert.gate_proj.weight"] = _w(rng, s, d)
+            t[f"{h}.mlp.shared_expert.up_proj.weight"] = _w(rng, s, d)
+            # A shared expert with a constant gate (zero weight: sigmoid = 1/2), or one that adds nothing.
+            t[f"{h}.mlp.shared_expert.down_proj.weight"] = _w(rng, d, s) if shared else mx.zeros((d, s))
+            t[f"{h}.mlp.shared_expert_gate.weight"] = mx.zeros((1, d)) if shared else _w(rng, 1, d)
+        if arch in ("ernie4_5_moe", "glm4_moe") and (shared or arch == "glm4_moe"):
+            s = max(shared, 1) * moe_ff
+            t[f"{h}.mlp.shared_experts.gate_proj.weight"] = _w(rng, s, d)
+            t[f"{h}.mlp.shared_experts.up_proj.weight"] = _w(rng, s, d)
+            t[f"{h}.mlp.shared_experts.down_proj.weight"] = _w(rng, d, s) if shared else mx.zeros((d, s))
         if arch == "ernie4_5_moe":
             t[f"{h}.mlp.moe_statics.e_score_correction_bias"] = mx.zeros((1, experts))
+        if arch == "glm4_moe":  # a real selection bias: it changes which experts are chosen
+            t[f"{h}.mlp.gate.e_score_correction_bias"] = _w(rng, experts, scale=0.5)
     mx.save_safetensors(str(path / "model.safetensors"), t, metadata={"format": "pt"})
     hf_tokenizer_files(path)
     return path
@@ -113,6 +131,11 @@ def random_checkpoint(path, seed=1, tokenizer=None, **over):
     mx.random.seed(seed)
     model = Model(cfg)
     weights = dict(tree_flatten(model.parameters()))
+    # Router state that starts at zero (selection bias, temperature, noise weights) gets random
+    # values, so the export has to carry (or correctly ignore) it.
+    rng = np.random.default_rng(seed)
+    for name in [k for k in weights if k.endswith(("selection_bias", "log_temperature", "w_noise"))]:
+        weights[name] = mx.array((rng.standard_normal(weights[name].shape) * 0.5).astype(np.float32))
     mx.eval(weights)
     write_checkpoint(path, cfg, weights, tokenizer, {"kind": "test"})
     return cfg, weights
@@ -142,24 +165,35 @@ def tokens_for(vocab, seed=3):
 # ----------------------------------------------------------------------------- import
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mixtral", "qwen2_moe", "ernie4_5_moe"])
-def test_import_matches_mlx_lm(tmp_path, arch):
+IMPORT_CASES = {"llama": ("llama", 0), "qwen2": ("qwen2", 0), "mixtral": ("mixtral", 0),
+                "qwen2_moe": ("qwen2_moe", 0), "qwen2_moe+shared": ("qwen2_moe", 1),
+                "ernie4_5_moe": ("ernie4_5_moe", 0), "ernie4_5_moe+shared": ("ernie4_5_moe", 2),
+                "glm4_moe": ("glm4_moe", 0), "glm4_moe+shared": ("glm4_moe", 1)}
+
+
+@pytest.mark.parametrize("case", list(IMPORT_CASES))
+def test_import_matches_mlx_lm(tmp_path, case):
     pytest.importorskip("mlx_lm")
     from tinymoe.interop.import_hf import load_hf
 
-    src = build_hf_dir(tmp_path / arch, arch, tie=(arch == "qwen2"))
+    arch, shared = IMPORT_CASES[case]
+    src = build_hf_dir(tmp_path / arch, arch, tie=(arch == "qwen2"), shared=shared)
     loaded = load_hf(src)
     cfg = loaded["cfg"]
     tokens = tokens_for(cfg.vocab_size)
     d = diff(logits_of(cfg, loaded["weights"], tokens), mlx_lm_logits(src, tokens))
-    print(f"import {arch}: max |logit diff| vs mlx-lm = {d:.3g}")
+    print(f"import {case}: max |logit diff| vs mlx-lm = {d:.3g}")
     assert d < TOL
     assert cfg.is_moe == (arch not in ("llama", "qwen2"))
     assert cfg.attn_bias == (arch in ("qwen2", "qwen2_moe"))  # random biases are kept
-    if arch == "ernie4_5_moe":
+    assert cfg.shared_experts == shared  # zero shared experts are dropped
+    if arch in ("ernie4_5_moe", "glm4_moe"):
         assert (cfg.moe_first_dense, cfg.moe_every) == (1, 1) and cfg.router_norm
     if arch == "qwen2_moe":
         assert not cfg.router_norm
+    if arch == "glm4_moe":
+        assert cfg.router == "sigmoid-bias"
+        assert not mx.array_equal(loaded["weights"]["blocks.1.moe.router.selection_bias"], mx.zeros((4,))).item()
     # The tokenizer came along and encodes exactly as the file it came from.
     from tokenizers import Tokenizer
 
@@ -183,6 +217,20 @@ def test_import_comparison_detects_a_wrong_rope_layout(tmp_path):
     assert diff(logits_of(cfg, weights, tokens), mlx_lm_logits(src, tokens)) > 1e-2
 
 
+def test_import_comparison_detects_a_dropped_selection_bias(tmp_path):
+    """Negative control: GLM's e_score_correction_bias changes which experts run."""
+    pytest.importorskip("mlx_lm")
+    from tinymoe.interop.import_hf import load_hf
+
+    src = build_hf_dir(tmp_path / "glm", "glm4_moe")
+    loaded = load_hf(src)
+    cfg, weights = loaded["cfg"], dict(loaded["weights"])
+    for k in [k for k in weights if k.endswith("selection_bias")]:
+        weights[k] = mx.zeros_like(weights[k])
+    tokens = tokens_for(cfg.vocab_size)
+    assert diff(logits_of(cfg, weights, tokens), mlx_lm_logits(src, tokens)) > 1e-2
+
+
 def test_import_refusals(tmp_path):
     from tinymoe.interop.import_hf import load_hf
 
@@ -194,13 +242,18 @@ def test_import_refusals(tmp_path):
     (src / "config.json").write_text(json.dumps({**cfg, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}))
     with pytest.raises(TinyMoeError, match="rope_scaling"):
         load_hf(src)
-    # A non-zero shared expert cannot be dropped.
-    q = build_hf_dir(tmp_path / "q", "qwen2_moe")
+    # A shared expert behind an input-dependent gate is not tinymoe's ungated one.
+    q = build_hf_dir(tmp_path / "q", "qwen2_moe", shared=1)
     t = mx.load(str(q / "model.safetensors"))
-    t["model.layers.1.mlp.shared_expert.down_proj.weight"] = mx.ones((32, 16))
+    t["model.layers.1.mlp.shared_expert_gate.weight"] = mx.ones((1, 32))
     mx.save_safetensors(str(q / "model.safetensors"), t)
-    with pytest.raises(TinyMoeError, match="shared expert"):
+    with pytest.raises(TinyMoeError, match="input-dependent sigmoid gate"):
         load_hf(q)
+    g = build_hf_dir(tmp_path / "g", "glm4_moe")
+    gcfg = json.loads((g / "config.json").read_text())
+    (g / "config.json").write_text(json.dumps({**gcfg, "routed_scaling_factor": 2.5}))
+    with pytest.raises(TinyMoeError, match="routed_scaling_factor"):
+        load_hf(g)
     with pytest.raises(TinyMoeError, match="config.json: missing"):
         load_hf(tmp_path)
 
@@ -208,27 +261,40 @@ def test_import_refusals(tmp_path):
 # ----------------------------------------------------------------------------- export
 
 
-EXPORT_CASES = {
-    "mixtral": {},
-    "ernie4_5_moe": {"n_layers": 4, "moe_every": 2},
-    "qwen2_moe": {"router_norm": False, "tie_embeddings": False},
-    "llama": {"moe_experts": 1, "moe_topk": 1},
-    "qwen2": {"moe_experts": 1, "moe_topk": 1, "attn_bias": True},
+EXPORT_CASES = {  # case -> (expected architecture, model settings over the debug preset)
+    "mixtral": ("mixtral", {}),
+    "ernie4_5_moe": ("ernie4_5_moe", {"n_layers": 4, "moe_every": 2}),
+    "ernie4_5_moe+shared": ("ernie4_5_moe", {"moe_first_dense": 1, "shared_experts": 2}),
+    "qwen2_moe": ("qwen2_moe", {"router_norm": False, "tie_embeddings": False}),
+    "qwen2_moe+shared": ("qwen2_moe", {"router_norm": False, "shared_experts": 1, "attn_bias": True}),
+    "glm4_moe": ("glm4_moe", {"router": "sigmoid-bias", "n_layers": 3, "moe_first_dense": 1, "shared_experts": 1}),
+    "glm4_moe-norm": ("glm4_moe", {"router": "sigmoid-bias", "router_norm": False, "attn_bias": True}),
+    "llama": ("llama", {"moe_experts": 1, "moe_topk": 1}),
+    "qwen2": ("qwen2", {"moe_experts": 1, "moe_topk": 1, "attn_bias": True}),
+}
+# Routers whose inference is one of the above: exported by function, imported back as plain
+# topk (so equal logits, not an equal config).
+EQUIVALENT_ROUTERS = {
+    "smart": ("mixtral", {"router": "smart"}),  # learned temperature folded into the weight
+    "noisy": ("mixtral", {"router": "noisy"}),  # noise only while training
+    "jitter": ("mixtral", {"router": "jitter", "router_order": "topk-softmax"}),
+    "switch": ("qwen2_moe", {"router": "switch", "moe_topk": 1}),  # top-1, gate = probability
 }
 
 
-@pytest.mark.parametrize("arch", list(EXPORT_CASES))
-def test_export_matches_mlx_lm_and_round_trips(tmp_path, arch):
+@pytest.mark.parametrize("case", list(EXPORT_CASES))
+def test_export_matches_mlx_lm_and_round_trips(tmp_path, case):
     pytest.importorskip("mlx_lm")
     from tinymoe.interop.export import export_hf
     from tinymoe.interop.import_hf import load_hf
 
-    cfg, weights = random_checkpoint(tmp_path / "ckpt", **EXPORT_CASES[arch])
+    arch, over = EXPORT_CASES[case]
+    cfg, weights = random_checkpoint(tmp_path / "ckpt", **over)
     report = export_hf(str(tmp_path / "ckpt"), tmp_path / "hf", check=False)
     assert report["architecture"] == arch and report["tokenizer_matches"] is True
     tokens = tokens_for(cfg.vocab_size)
     d = diff(logits_of(cfg, weights, tokens), mlx_lm_logits(tmp_path / "hf", tokens))
-    print(f"export {arch}: max |logit diff| vs mlx-lm = {d:.3g}")
+    print(f"export {case}: max |logit diff| vs mlx-lm = {d:.3g}")
     assert d < TOL
     transformers = pytest.importorskip("transformers")  # config parsing needs no PyTorch
     hf_cfg = transformers.AutoConfig.from_pretrained(str(tmp_path / "hf"))
@@ -246,17 +312,22 @@ def test_export_matches_mlx_lm_and_round_trips(tmp_path, arch):
         assert mx.array_equal(back["weights"][name], w).item(), name  # bit-exact
 
 
-def test_exported_directory_generates_with_mlx_lm(tmp_path):
-    mlx_lm = pytest.importorskip("mlx_lm")
+@pytest.mark.parametrize("router", list(EQUIVALENT_ROUTERS))
+def test_routers_with_equal_inference_export(tmp_path, router):
+    pytest.importorskip("mlx_lm")
     from tinymoe.interop.export import export_hf
+    from tinymoe.interop.import_hf import load_hf
 
-    random_checkpoint(tmp_path / "ckpt")
-    report = export_hf(str(tmp_path / "ckpt"), tmp_path / "hf")
-    assert report["mlx_lm_max_abs_logit_diff"] < TOL
-    model, tokenizer = mlx_lm.load(str(tmp_path / "hf"))
-    assert tokenizer.encode("Hé") == list("Hé".encode())  # byte-level: token id = byte
-    text = mlx_lm.generate(model, tokenizer, prompt="The ", max_tokens=8, verbose=False)
-    assert isinstance(text, str)
+    arch, over = EQUIVALENT_ROUTERS[router]
+    cfg, weights = random_checkpoint(tmp_path / "ckpt", **over)
+    assert export_hf(str(tmp_path / "ckpt"), tmp_path / "hf", check=False)["architecture"] == arch
+    tokens = tokens_for(cfg.vocab_size)
+    ours = logits_of(cfg, weights, tokens)
+    d = diff(ours, mlx_lm_logits(tmp_path / "hf", tokens))
+    print(f"export {router} router: max |logit diff| vs mlx-lm = {d:.3g}")
+    assert d < TOL
+    back = load_hf(tmp_path / "hf")
+    assert back["cfg"].router == "topk" and diff(logits_of(back["cfg"], back["weights"], tokens), ours) < TOL
 
 
 def test_export_refuses_what_no_architecture_matches(tmp_path):
@@ -267,31 +338,24 @@ def test_export_refuses_what_no_architecture_matches(tmp_path):
         choose_arch(dataclasses.replace(base, router_norm=False, moe_first_dense=1))
     with pytest.raises(TinyMoeError, match="mixtral has an MoE FFN in every layer"):
         choose_arch(dataclasses.replace(base, moe_every=2), "mixtral")
+    with pytest.raises(TinyMoeError, match="router 'expert-choice' cannot be exported"):
+        choose_arch(dataclasses.replace(base, router="expert-choice"))
+    with pytest.raises(TinyMoeError, match="router 'dynamic' cannot be exported"):
+        choose_arch(dataclasses.replace(base, router="dynamic"))
+    with pytest.raises(TinyMoeError, match="group-limited routing"):
+        choose_arch(dataclasses.replace(base, router="sigmoid-bias", router_groups=2))
+    with pytest.raises(TinyMoeError, match="eval_capacity_factor"):
+        choose_arch(dataclasses.replace(base, eval_capacity_factor=1.25))
+    with pytest.raises(TinyMoeError, match="mixtral has no shared experts"):
+        choose_arch(dataclasses.replace(base, shared_experts=1), "mixtral")
     odd = dataclasses.replace(base)
-    odd.router = "expert_choice"  # a router without an entry in the mapping table
-    with pytest.raises(TinyMoeError, match="router 'expert_choice'"):
+    odd.router = "some-future-router"  # a router without an entry in the mapping table
+    with pytest.raises(TinyMoeError, match="no Hugging Face architecture mapping"):
         choose_arch(odd)
     assert choose_arch(base) == "mixtral"
     assert choose_arch(dataclasses.replace(base, moe_first_dense=1)) == "ernie4_5_moe"
-
-
-def test_sentencepiece_tokenizer_exports_and_returns(tmp_path):
-    pytest.importorskip("tokenizers")
-    from tokenizers import Tokenizer
-
-    from tinymoe.interop.export import export_hf
-    from tinymoe.interop.import_hf import load_hf
-    from tinymoe.tokenizer import train_sentencepiece
-
-    text = "def route(tokens):\n    return sorted(tokens)  # experts\n" * 30 + "To be, or not to be.\n" * 30
-    sp = train_sentencepiece([text], 300)
-    random_checkpoint(tmp_path / "ckpt", tokenizer=sp)
-    report = export_hf(str(tmp_path / "ckpt"), tmp_path / "hf", check=False)
-    assert report["tokenizer"] == "sp" and report["tokenizer_matches"] is True
-    sample = "    return experts  ünïcode ✓\n\n"
-    assert Tokenizer.from_file(str(tmp_path / "hf" / "tokenizer.json")).encode(sample).ids == sp.encode(sample)
-    back = load_hf(tmp_path / "hf")["tokenizer"]
-    assert back.kind == "sp" and back.model_proto == sp.model_proto
+    assert choose_arch(dataclasses.replace(base, router="sigmoid-bias")) == "glm4_moe"
+    assert choose_arch(dataclasses.replace(base, capacity_factor=1.25)) == "mixtral"  # training only
 
 
 def test_transformers_loads_the_export_with_equal_logits(tmp_path):
@@ -299,7 +363,7 @@ def test_transformers_loads_the_export_with_equal_logits(tmp_path):
     transformers = pytest.importorskip("transformers")
     from tinymoe.interop.export import export_hf
 
-    for arch, over in EXPORT_CASES.items():
+    for arch, over in list(EXPORT_CASES.values()) + list(EQUIVALENT_ROUTERS.values()):
         cfg, weights = random_checkpoint(tmp_path / arch / "ckpt", **over)
         export_hf(str(tmp_path / arch / "ckpt"), tmp_path / arch / "hf", check=False)
         model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / arch / "hf"),

@@ -29,7 +29,8 @@ def dense_run(tmp_path_factory):
 
 def test_upcycle_train_eval_export_import(dense_run, tmp_path):
     up = tmp_path / "up"
-    report = json.loads(ok("upcycle", dense_run, "--moe-experts", 4, "--moe-topk", 2, "--out", up, "--json").output)
+    report = json.loads(ok("upcycle", dense_run, "--moe-experts", 4, "--moe-topk", 2, "--shared-experts", 1,
+                           "--out", up, "--json").output)
     assert report["identity_check"]["within_float32_noise"] and report["moe_layers"] == [0, 1]
     text = ok("upcycle", dense_run, "--moe-experts", 4, "--moe-topk", 2, "--drop-fraction", 0.5,
               "--out", tmp_path / "drop").output
@@ -46,18 +47,18 @@ def test_upcycle_train_eval_export_import(dense_run, tmp_path):
 
     exported = json.loads(ok("export", tmp_path / "run", "--format", "hf", "--out", tmp_path / "hf", "--json",
                              "--no-check").output)
-    assert exported["architecture"] == "mixtral"
+    assert exported["architecture"] == "ernie4_5_moe"  # shared experts: Mixtral has none
     assert (tmp_path / "hf" / "config.json").is_file() and (tmp_path / "hf" / "tokenizer.json").is_file()
     imported = json.loads(ok("import", tmp_path / "hf", "--out", tmp_path / "back", "--json").output)
-    assert imported["architecture"] == "mixtral" and imported["tokenizer"] == "bytes"
+    assert imported["architecture"] == "ernie4_5_moe" and imported["tokenizer"] == "bytes"
     s = json.loads(ok("sample", tmp_path / "back", "--prompt", "The ", "--max-tokens", 4, "--json").output)
     assert s["tokens"] == 4
 
 
 def test_interop_bad_input_exits_2(dense_run, tmp_path):
     cases = [
-        (("upcycle", dense_run, "--moe-experts", 4, "--moe-topk", 2, "--shared-experts", 1, "--out", tmp_path / "a"),
-         "needs shared-expert support"),
+        (("upcycle", dense_run, "--moe-experts", 4, "--moe-topk", 2, "--every-n", 5, "--out", tmp_path / "a"),
+         "no layer becomes MoE"),
         (("upcycle", tmp_path / "nope", "--moe-experts", 4, "--moe-topk", 2, "--out", tmp_path / "b"),
          "no such directory"),
         (("upcycle", dense_run, "--moe-experts", 4, "--moe-topk", 5, "--out", tmp_path / "c"), "exceeds"),

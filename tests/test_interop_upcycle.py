@@ -43,6 +43,24 @@ def test_upcycle_reproduces_the_dense_model(tmp_path):
     assert all(mx.array_equal(experts[e], dense_ffn).item() for e in range(4))
 
 
+@pytest.mark.parametrize("shared", [1, 3])
+def test_upcycle_with_shared_experts_still_starts_dense(tmp_path, shared):
+    from tinymoe.interop.upcycle import upcycle
+    from tinymoe.loader import load_model
+
+    cfg, weights = _dense(tmp_path)
+    report = upcycle(str(tmp_path / "dense"), tmp_path / "moe", experts=4, topk=2, shared_experts=shared,
+                     first_dense=1)
+    assert report["identity_check"]["max_abs_logit_diff"] < 1e-4 and report["moe_layers"] == [1, 2, 3]
+    model, _, _, _ = load_model(tmp_path / "moe")
+    assert model.cfg.shared_experts == shared
+    assert model.blocks[1].moe.shared.w_up.weight.shape == (shared * cfg.d_ff, cfg.d_model)
+    from tinymoe.interop.export import tinymoe_logits
+
+    tokens = tokens_for(cfg.vocab_size)
+    assert diff(tinymoe_logits(model, tokens), logits_of(cfg, weights, tokens)) < 1e-4
+
+
 def test_drop_upcycling_reinitialises_a_fraction_per_expert(tmp_path):
     from tinymoe.interop.upcycle import moe_config, upcycle_weights
 
@@ -75,8 +93,10 @@ def test_upcycle_refusals(tmp_path):
     with pytest.raises(TinyMoeError, match="already an MoE"):
         upcycle(str(tmp_path / "moe"), tmp_path / "out", experts=4, topk=2)
     _dense(tmp_path)
-    with pytest.raises(TinyMoeError, match="needs shared-expert support"):
-        upcycle(str(tmp_path / "dense"), tmp_path / "out", experts=4, topk=2, shared_experts=1)
+    with pytest.raises(TinyMoeError, match="drop-fraction"):
+        upcycle(str(tmp_path / "dense"), tmp_path / "out", experts=4, topk=2, drop_fraction=1.5)
+    with pytest.raises(TinyMoeError, match="output directory holds the source"):
+        upcycle(str(tmp_path / "dense"), tmp_path / "dense", experts=4, topk=2, overwrite=True)
     with pytest.raises(TinyMoeError, match="no layer becomes MoE"):
         upcycle(str(tmp_path / "dense"), tmp_path / "out", experts=4, topk=2, every=8)
 

@@ -56,6 +56,10 @@ def test_lr_schedule_warmup_then_cosine():
     assert lrs[10] == pytest.approx(1.0)
     assert all(a >= b - 1e-7 for a, b in zip(lrs[10:], lrs[11:]))  # monotone decay
     assert lrs[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * 99 / 100)), rel=1e-4)
+    for warmup in (0, 1):  # edge cases: no warmup, one warmup step
+        s = lr_schedule(TrainConfig(steps=5, lr=1.0, warmup_steps=warmup, min_lr_ratio=0.0))
+        assert s(mx.array(0)).item() == pytest.approx(1.0)
+        assert s(mx.array(5)).item() == pytest.approx(0.0, abs=1e-7)
 
 
 def _configs(corpus, steps, **train):

@@ -20,6 +20,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from tinymoe.errors import TinyMoeError
+from tinymoe.router_config import check_router
 
 
 @dataclass
@@ -44,6 +45,21 @@ class ModelConfig:
     router_norm: bool = True  # renormalise the top-k gates to sum to 1
     aux_loss_weight: float = 0.01  # Switch load-balancing loss
     z_loss_weight: float = 0.001  # router z-loss (ST-MoE)
+    # Routers and balancing (docs/routers.md; tinymoe.router_config says which router reads what).
+    router: str = "topk"  # topk switch noisy jitter sigmoid-bias expert-choice smart dynamic
+    router_order: str = "softmax-topk"  # or topk-softmax (Mixtral: softmax over the k logits)
+    noise_scale: float = 1.0  # noisy: scale of the learned-std Gaussian logit noise (0 = none)
+    jitter_eps: float = 0.01  # jitter/switch/smart: router input x U(1-eps, 1+eps) in training
+    bias_rate: float = 0.001  # sigmoid-bias: balancing-bias step per optimizer step
+    router_groups: int = 1  # node-limited routing: experts in this many groups ...
+    router_group_topk: int = 1  # ... and a token picks from its best this many groups
+    entropy_weight: float = -1.0  # entropy bonus; -1 = router default (0.01 for smart, else 0)
+    capacity_factor: float = 0.0  # expert capacity in training; 0 = dropless
+    eval_capacity_factor: float = 0.0  # expert capacity in eval mode; 0 = dropless
+    k_min: int = 1  # dynamic: fewest experts per token
+    k_max: int = 0  # dynamic: most experts per token; 0 = moe_topk
+    dynamic_threshold: float = 0.5  # dynamic: probability mass the chosen experts must reach
+    shared_experts: int = 0  # always-active experts (one dense SwiGLU of N x expert width)
 
     @property
     def head_dim(self) -> int:
@@ -87,6 +103,8 @@ class TrainConfig:
     max_bad_steps: int = 5  # stop after this many consecutive non-finite (skipped) steps
     spike_factor: float = 3.0  # log a loss above this x the recent mean as a spike; 0 = off
     spike_window: int = 20  # steps in that recent mean
+    optimizer: str = "adamw"  # adamw | sparse-adamw (lazy per-expert state, tinymoe.optimizers)
+    optimizer_state_dtype: str = "float32"  # float32 | bfloat16 (sparse-adamw only)
 
 
 PRESET_SECTIONS = {"model": ModelConfig, "train": TrainConfig}
@@ -175,6 +193,7 @@ def validate(model: ModelConfig, train: TrainConfig | None = None) -> None:
         raise TinyMoeError(f"moe_topk {model.moe_topk} exceeds moe_experts {model.moe_experts}")
     if model.aux_loss_weight < 0 or model.z_loss_weight < 0:
         raise TinyMoeError("router loss weights must be >= 0")
+    check_router(model)
     if train is None:
         return
     for name in ["steps", "batch_size", "grad_accum", "eval_batches", "log_every", "max_bad_steps",
@@ -190,6 +209,13 @@ def validate(model: ModelConfig, train: TrainConfig | None = None) -> None:
         raise TinyMoeError(f"val_fraction must be in [0, 1), got {train.val_fraction}")
     if not 0 <= train.min_lr_ratio <= 1:
         raise TinyMoeError(f"min_lr_ratio must be in [0, 1], got {train.min_lr_ratio}")
+    if train.optimizer not in ("adamw", "sparse-adamw"):
+        raise TinyMoeError(f"unknown optimizer '{train.optimizer}' (choose from adamw, sparse-adamw)")
+    if train.optimizer_state_dtype not in ("float32", "bfloat16"):
+        raise TinyMoeError(f"unknown optimizer state dtype '{train.optimizer_state_dtype}' "
+                           f"(choose from float32, bfloat16)")
+    if train.optimizer == "adamw" and train.optimizer_state_dtype != "float32":
+        raise TinyMoeError("optimizer_state_dtype bfloat16 needs optimizer sparse-adamw (adamw keeps float32 moments)")
     from tinymoe.dispatch import BACKENDS  # no MLX import at module level there
 
     if train.dispatch not in ("auto", *BACKENDS):

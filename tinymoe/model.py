@@ -5,8 +5,8 @@ Reads top to bottom: KV cache, attention (RoPE, grouped-query, causal, through
 length, D model width, V vocabulary, Hq/Hkv query/key-value heads, Dh head width.
 
 `Model.__call__` returns (logits (B, L, V), aux) where aux holds the router losses summed over
-MoE layers and each MoE layer's load (share of routed slots per expert), so the trainer can log
-them. Parameter names are stable checkpoint names: `blocks.3.moe.experts.w_up` and so on.
+MoE layers (balance_loss, z_loss, entropy_loss) and per MoE layer its load (share of kept slots
+per expert), drop_rate and mean_k (tinymoe.moe), so the trainer can log them. Parameter names are stable checkpoint names: `blocks.3.moe.experts.w_up` and so on.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import mlx.nn as nn
 
 from tinymoe.config import ModelConfig
 from tinymoe.dispatch import resolve_backend
-from tinymoe.moe import MoELayer
+from tinymoe.moe import LAYER_LOSSES, LAYER_STATS, MoELayer
 
 
 class KVCache:
@@ -100,16 +100,15 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.is_moe = cfg.layer_is_moe(layer)
         if self.is_moe:
-            self.moe = MoELayer(cfg.d_model, cfg.moe_experts, cfg.moe_topk, cfg.expert_d_ff,
-                                cfg.router_norm, out_scale)
+            self.moe = MoELayer.from_config(cfg, out_scale)
         else:
             self.ffn = SwiGLU(cfg.d_model, cfg.d_ff, out_scale)
 
-    def __call__(self, x, cache=None, routing=None):
+    def __call__(self, x, cache=None, routing=None, key=None):
         x = x + self.attn(self.attn_norm(x), cache)
         h = self.ffn_norm(x)
         if self.is_moe:
-            y, losses = self.moe(h, routing)
+            y, losses = self.moe(h, routing, key)
             return x + y, losses
         return x + self.ffn(h), None
 
@@ -135,25 +134,31 @@ class Model(nn.Module):
     def moe_layers(self) -> list[int]:
         return [i for i, b in enumerate(self.blocks) if b.is_moe]
 
-    def __call__(self, tokens_BL, caches: list | None = None, routing: list | None = None):
+    def __call__(self, tokens_BL, caches: list | None = None, routing: list | None = None, key=None):
+        """`key`: the training step's random key; each block gets its own split of it (routers
+        with training noise use it; None = MLX's global RNG, and no noise in eval mode anyway)."""
         x = self.embed(tokens_BL)
-        balance = z = mx.array(0.0)
-        loads = []
+        keys = mx.random.split(key, len(self.blocks)) if key is not None else [None] * len(self.blocks)
+        aux = {name: mx.array(0.0) for name in LAYER_LOSSES}  # summed over MoE layers
+        aux.update({name: [] for name in LAYER_STATS})  # one entry per MoE layer
         for i, block in enumerate(self.blocks):
-            x, losses = block(x, caches[i] if caches else None, routing)
+            x, losses = block(x, caches[i] if caches else None, routing, keys[i])
             if losses is not None:
-                balance, z = balance + losses["balance_loss"], z + losses["z_loss"]
-                loads.append(losses["load"])
+                for name in LAYER_LOSSES:
+                    aux[name] = aux[name] + losses[name]
+                for name in LAYER_STATS:
+                    aux[name].append(losses[name])
         x = self.norm(x)
         logits = self.embed.as_linear(x) if self.cfg.tie_embeddings else self.lm_head(x)
-        return logits, {"balance_loss": balance, "z_loss": z, "load": loads}
+        return logits, aux
 
     def make_caches(self) -> list[KVCache]:
         return [KVCache() for _ in self.blocks]
 
 
 def count_params(model: Model) -> dict:
-    """Total parameters and those a token uses (embeddings included, K of E experts)."""
+    """Total parameters and those a token uses (embeddings included, K of E experts; shared
+    experts always count as active; dynamic routing counts k_max, expert choice its average K)."""
     from mlx.utils import tree_flatten
 
     total = sum(v.size for _, v in tree_flatten(model.parameters()))

@@ -1,16 +1,20 @@
-"""The Mixture-of-Experts FFN: a router, stacked SwiGLU experts, and a dispatch backend.
+"""The Mixture-of-Experts FFN: a router, stacked SwiGLU experts, optional shared experts, capacity.
 
-Shapes: T tokens (batch and sequence flattened), D model width, E experts, K experts per token,
-H expert hidden width. The router runs in float32 whatever the model dtype, and its top-k indices
-are wrapped in `stop_gradient`: only the gate values carry gradient back to the router.
+Shapes: T tokens (batch and sequence flattened), D model width, E experts, K slots per token,
+H expert hidden width. The routers (tinymoe.routers) run in float32 whatever the model dtype, and
+their top-k indices are wrapped in `stop_gradient`: only gate values carry gradient back.
 
-Router losses (each with its own weight in ModelConfig, added to the LM loss by the trainer):
-  load-balancing (Switch Transformer, generalised to k > 1):
-      E * sum_e f_e * P_e, with f_e = share of the T*K routed slots that went to expert e
-      (a constant for the gradient) and P_e = mean router probability of e over tokens.
-      It is 1 for perfectly uniform routing and grows towards E as routing collapses.
-      (Dividing the counts by T instead of T*K gives a minimum of K, a common slip.)
-  z-loss (ST-MoE): mean over tokens of logsumexp(logits)^2, keeps router logits small.
+A layer returns (y, stats) with the router's losses summed by the model (`LAYER_LOSSES`, each with
+its own weight in ModelConfig, added to the LM loss by the trainer) and per-layer statistics
+(`LAYER_STATS`) the trainer logs:
+  load       share of the kept slots that went to each expert (E,), sums to 1.
+  drop_rate  share of the routed slots dropped by expert capacity (expert choice: share of tokens
+             no expert took); 0 when dropless.
+  mean_k     experts a token actually used, on average (K when dropless and k is fixed).
+
+Shared experts (DeepSeekMoE) are one dense SwiGLU of hidden width shared_experts * H beside the
+routed experts, added to every token's output ungated; `shared_experts` separate SwiGLUs of width
+H would compute exactly the same function, so one wide one is kept (one matmul per projection).
 """
 
 from __future__ import annotations
@@ -20,38 +24,15 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from tinymoe.capacity import apply_capacity, expert_capacity, expert_choice_experts
 from tinymoe.dispatch import run_experts
+from tinymoe.routers import TopKRouter, make_router, router_losses  # noqa: F401 (public names)
 
-
-class TopKRouter(nn.Module):
-    """Softmax over experts, then the top-k; gates renormalised to sum to 1 when `norm`."""
-
-    def __init__(self, d_model: int, num_experts: int, top_k: int, norm: bool = True):
-        super().__init__()
-        self.weight = mx.random.normal((num_experts, d_model)) * (1.0 / math.sqrt(d_model))
-        self.num_experts, self.top_k, self.norm = num_experts, top_k, norm
-
-    def __call__(self, x_TD: mx.array):
-        logits = x_TD.astype(mx.float32) @ self.weight.astype(mx.float32).T  # (T, E)
-        probs = mx.softmax(logits, axis=-1)
-        # Sorted by probability, so slot 0 is each token's first choice.
-        indices = mx.stop_gradient(mx.argsort(-probs, axis=-1)[:, : self.top_k])  # (T, K)
-        gates = mx.take_along_axis(probs, indices, axis=-1)  # (T, K)
-        if self.norm:
-            gates = gates / mx.sum(gates, axis=-1, keepdims=True)
-        info = router_losses(logits, probs, indices, self.num_experts)
-        return indices, gates, info, probs
-
-
-def router_losses(logits_TE, probs_TE, indices_TK, num_experts: int) -> dict:
-    T, K = indices_TK.shape
-    onehot = indices_TK[..., None] == mx.arange(num_experts)  # (T, K, E)
-    slots_per_expert = mx.sum(onehot, axis=(0, 1)).astype(mx.float32)  # (E,)
-    load = mx.stop_gradient(slots_per_expert / (T * K))  # f_e, sums to 1
-    mean_prob = mx.mean(probs_TE, axis=0)  # P_e
-    balance = num_experts * mx.sum(load * mean_prob)
-    z = mx.mean(mx.square(mx.logsumexp(logits_TE, axis=-1)))
-    return {"balance_loss": balance, "z_loss": z, "load": load}
+LAYER_LOSSES = ("balance_loss", "z_loss", "entropy_loss")
+LAYER_STATS = ("load", "drop_rate", "mean_k")
+# ModelConfig fields handed to the router factory (each router reads the ones it uses).
+ROUTER_FIELDS = ("router_order", "noise_scale", "jitter_eps", "bias_rate", "router_groups", "router_group_topk",
+                 "k_min", "k_max", "dynamic_threshold", "capacity_factor", "eval_capacity_factor")
 
 
 class SwiGLUExperts(nn.Module):
@@ -68,19 +49,98 @@ class SwiGLUExperts(nn.Module):
         return sum(w[0].size for w in (self.w_gate, self.w_up, self.w_down))
 
 
-class MoELayer(nn.Module):
-    def __init__(self, d_model, num_experts, top_k, d_hidden, norm=True, out_scale=1.0):
+class SharedExperts(nn.Module):
+    """An always-active dense SwiGLU (names `...moe.shared.w_gate.weight`, in model.safetensors)."""
+
+    def __init__(self, d_model: int, d_hidden: int, out_scale: float = 1.0):
         super().__init__()
-        self.router = TopKRouter(d_model, num_experts, top_k, norm)
+        self.w_gate = nn.Linear(d_model, d_hidden, bias=False)
+        self.w_up = nn.Linear(d_model, d_hidden, bias=False)
+        self.w_down = nn.Linear(d_hidden, d_model, bias=False)
+        self.w_down.weight = self.w_down.weight * out_scale
+
+    def __call__(self, x):
+        return self.w_down(nn.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class MoELayer(nn.Module):
+    def __init__(self, d_model, num_experts, top_k, d_hidden, norm=True, out_scale=1.0, *, router: str = "topk",
+                 shared_experts: int = 0, capacity_factor: float = 0.0, eval_capacity_factor: float = 0.0,
+                 **router_options):
+        super().__init__()
+        self.router = make_router(router, d_model, num_experts, top_k, norm, capacity_factor=capacity_factor,
+                                  eval_capacity_factor=eval_capacity_factor, **router_options)
         self.experts = SwiGLUExperts(num_experts, d_model, d_hidden, out_scale)
+        if shared_experts:
+            self.shared = SharedExperts(d_model, shared_experts * d_hidden, out_scale)
+        self.num_shared = shared_experts
+        self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
         self.dispatch = "dense"  # set by Model.set_dispatch; not a parameter
 
-    def __call__(self, x: mx.array, routing: list | None = None):
+    @classmethod
+    def from_config(cls, cfg, out_scale: float = 1.0) -> "MoELayer":
+        options = {name: getattr(cfg, name) for name in ROUTER_FIELDS}
+        return cls(cfg.d_model, cfg.moe_experts, cfg.moe_topk, cfg.expert_d_ff, cfg.router_norm, out_scale,
+                   router=cfg.router, shared_experts=cfg.shared_experts, **options)
+
+    def __call__(self, x: mx.array, routing: list | None = None, key=None):
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
-        indices, gates, losses, probs = self.router(x_TD)
-        if routing is not None:  # analysis only (inspect, sample --show-routing)
-            routing.append({"indices": indices, "gates": gates, "probs": probs})
+        T = x_TD.shape[0]
+        # Without a key, the plain one-argument call (wrappers such as tinymoe.offload's take x only).
+        indices, gates, info, probs = self.router(x_TD) if key is None else self.router(x_TD, key)
+        kept = info.get("selected")  # (T, K) or None: every slot used
         e = self.experts
-        y = run_experts(self.dispatch, x_TD, indices, gates.astype(x.dtype), e.w_gate, e.w_up, e.w_down)
-        return y.reshape(shape), losses
+        if "ec_tokens" in info:  # expert choice: run the per-expert view directly
+            y = expert_choice_experts(x_TD, info["ec_tokens"], info["ec_gates"], e.w_gate, e.w_up, e.w_down)
+            drop_rate = 1.0 - mx.mean(mx.any(kept, axis=-1).astype(mx.float32))  # tokens no expert took
+        else:
+            factor = self.capacity_factor if self.training else self.eval_capacity_factor
+            capacity = expert_capacity(factor, T, indices.shape[1], e.w_gate.shape[0])
+            if capacity:
+                routed = kept
+                kept = apply_capacity(indices, routed, e.w_gate.shape[0], capacity)
+                n_routed = T * indices.shape[1] if routed is None else mx.sum(routed)
+                drop_rate = 1.0 - mx.sum(kept).astype(mx.float32) / mx.maximum(n_routed, 1)
+            else:
+                drop_rate = mx.array(0.0)
+            if kept is not None:
+                gates = mx.where(kept, gates, 0.0)  # a dropped slot adds nothing
+            y = run_experts(self.dispatch, x_TD, indices, gates.astype(x.dtype), e.w_gate, e.w_up, e.w_down)
+        if self.num_shared:
+            y = y + self.shared(x_TD)
+        stats = {name: info[name] for name in LAYER_LOSSES}
+        stats["drop_rate"] = mx.stop_gradient(drop_rate.astype(mx.float32))
+        if kept is None:
+            stats["load"], stats["mean_k"] = info["load"], mx.array(float(indices.shape[1]))
+        else:
+            counts = mx.sum((indices[..., None] == mx.arange(e.w_gate.shape[0])) & kept[..., None], axis=(0, 1))
+            stats["load"] = mx.stop_gradient(counts.astype(mx.float32) / mx.maximum(mx.sum(counts), 1))  # (E,)
+            stats["mean_k"] = mx.stop_gradient(mx.sum(kept).astype(mx.float32) / T)
+        if routing is not None:  # analysis only (inspect, route, sample --show-routing)
+            record = {"indices": indices, "gates": gates, "probs": probs}
+            if kept is not None:
+                record["kept"] = kept
+            routing.append(record)
+        return y.reshape(shape), stats
+
+
+def needs_key(model) -> bool:
+    """Whether any router of `model` draws random numbers while training."""
+    return any(getattr(layer.router, "random", False) for layer in moe_layers_of(model))
+
+
+def has_router_state(model) -> bool:
+    return any(hasattr(layer.router, "after_step") for layer in moe_layers_of(model))
+
+
+def update_router_state(model, load_LE: mx.array) -> None:
+    """After an optimizer step: routers with non-trained state (the sigmoid-bias router's balancing
+    bias) update it from the step's observed load, one row of `load_LE` (L MoE layers, E) each."""
+    for layer, load in zip(moe_layers_of(model), load_LE):
+        if hasattr(layer.router, "after_step"):
+            layer.router.after_step(load)
+
+
+def moe_layers_of(model) -> list:
+    return [block.moe for block in model.blocks if block.is_moe]

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from tinymoe.router_config import require_causal
+
 
 def pick_token(logits_V: mx.array, temperature: float, top_k: int, top_p: float) -> mx.array:
     """Next token id from one row of logits; temperature 0 means greedy."""
@@ -37,6 +39,7 @@ def pick_token(logits_V: mx.array, temperature: float, top_k: int, top_p: float)
 def generate(model, prompt_ids: list[int], max_tokens: int, temperature: float = 0.8,
              top_k: int = 0, top_p: float = 1.0, seed: int | None = None, routing: list | None = None):
     """Yield up to `max_tokens` new token ids. `routing`, if given, receives per-step routing."""
+    require_causal(model.cfg)  # expert choice would see tokens that are not generated yet
     if seed is not None:
         mx.random.seed(seed)
     context = model.cfg.context

@@ -38,8 +38,11 @@ from tinymoe.dispatch import COMPILABLE
 from tinymoe.errors import TinyMoeError
 from tinymoe.evaluate import evaluate
 from tinymoe.model import Model, count_params
+from tinymoe.moe import has_router_state, needs_key, update_router_state
 from tinymoe.monitor import HealthMonitor
+from tinymoe.optimizers import make_optimizer
 from tinymoe.progress import ProgressBar
+from tinymoe.router_config import effective_entropy_weight
 from tinymoe.tokenizer import ByteTokenizer, parse_tokenizer_spec, train_sentencepiece
 
 
@@ -71,13 +74,20 @@ def prepare_data(train: TrainConfig, tokenizer=None) -> RunData:
 
 
 def lr_schedule(train: TrainConfig):
-    """Linear warmup to `lr`, then cosine decay to lr * min_lr_ratio at the last step."""
-    decay_steps = max(1, train.steps - train.warmup_steps)
-    cosine = optim.cosine_decay(train.lr, decay_steps, end=train.lr * train.min_lr_ratio)
-    if train.warmup_steps == 0:
-        return cosine
-    warm = optim.linear_schedule(train.lr / train.warmup_steps, train.lr, train.warmup_steps - 1)
-    return optim.join_schedules([warm, cosine], [train.warmup_steps])
+    """Linear warmup to `lr` over `warmup_steps` (lr * (s+1) / warmup at step s), then cosine
+    decay to lr * min_lr_ratio at the last step. Written out rather than joined from MLX's
+    schedules so that any warmup length, 1 included, works."""
+    base, end, warmup = train.lr, train.lr * train.min_lr_ratio, train.warmup_steps
+    decay_steps = max(1, train.steps - warmup)
+
+    def schedule(step):
+        s = mx.array(step).astype(mx.float32)
+        warm = base * (s + 1) / max(1, warmup)
+        t = mx.clip((s - warmup) / decay_steps, 0.0, 1.0)
+        cosine = end + (base - end) * 0.5 * (1 + mx.cos(math.pi * t))
+        return mx.where(s < warmup, warm, cosine)
+
+    return schedule
 
 
 class Stepper:
@@ -86,13 +96,18 @@ class Stepper:
     def __init__(self, model: Model, optimizer, model_cfg: ModelConfig, train: TrainConfig):
         self.model, self.optimizer = model, optimizer
         w_balance, w_z, clip = model_cfg.aux_loss_weight, model_cfg.z_loss_weight, train.grad_clip
+        w_entropy = effective_entropy_weight(model_cfg)
+        # Noisy/jittered routers get an explicit key per micro-batch (an input of the compiled step).
+        self.seed, self.needs_key, self.router_state = train.seed, needs_key(model), has_router_state(model)
 
-        def loss_fn(x, y):
-            logits, aux = model(x)
+        def loss_fn(x, y, key=None):
+            logits, aux = model(x, key=key)
             ce = nn.losses.cross_entropy(logits, y, reduction="mean")
             total = ce + w_balance * aux["balance_loss"] + w_z * aux["z_loss"]
-            load = mx.stack(aux["load"]) if aux["load"] else mx.zeros((0,))
-            return total, ce, aux["balance_loss"], aux["z_loss"], load
+            if w_entropy:  # the entropy bonus (tinymoe.routers.router_losses)
+                total = total + w_entropy * aux["entropy_loss"]
+            per_layer = [mx.stack(aux[k]) if aux[k] else mx.zeros((0,)) for k in ("load", "drop_rate", "mean_k")]
+            return total, ce, aux["balance_loss"], aux["z_loss"], per_layer[0], aux["entropy_loss"], *per_layer[1:]
 
         grad_fn = nn.value_and_grad(model, loss_fn)
 
@@ -106,18 +121,27 @@ class Stepper:
             state = [model.state, optimizer.state]
             # value_and_grad swaps traced arrays into the model, so its state is an output too.
             self._grad = mx.compile(grad_fn, inputs=[model.state], outputs=[model.state])
-            self._apply = mx.compile(apply, inputs=state, outputs=state)
+            # sparse-adamw picks the active experts on the host: its update runs eagerly.
+            compile_apply = getattr(optimizer, "compilable", True)
+            self._apply = mx.compile(apply, inputs=state, outputs=state) if compile_apply else apply
             self._norm = mx.compile(global_norm)
         else:
             self._grad, self._apply, self._norm = grad_fn, apply, global_norm
 
-    def step(self, next_batches) -> dict:
+    def step(self, next_batches, step: int | None = None) -> dict:
         """Run one step over the (inputs, targets) micro-batches that `next_batches` yields
-        (callables returning numpy arrays); returns host-side metrics."""
+        (callables returning numpy arrays); returns host-side metrics. `step` (default: the
+        optimizer's update count) and the seed give the step's random key."""
         grads, sums, n = None, None, 0
+        if self.needs_key:
+            key = step_key(self.seed, int(self.optimizer.step.item()) if step is None else step)
         for next_batch in next_batches:
             x, y = next_batch()
-            values, g = self._grad(mx.array(x), mx.array(y))
+            if self.needs_key:
+                key, sub = mx.random.split(key)
+                values, g = self._grad(mx.array(x), mx.array(y), sub)
+            else:
+                values, g = self._grad(mx.array(x), mx.array(y))
             grads = g if grads is None else tree_map(mx.add, grads, g)
             sums = values if sums is None else tuple(a + b for a, b in zip(sums, values))
             n += 1
@@ -130,13 +154,16 @@ class Stepper:
         norm = self._norm(grads)
         mx.eval(grads, norm, *sums)
         finite = all(math.isfinite(v.item()) for v in (sums[0], sums[1], norm))
+        total, ce, balance, z, load, entropy, drop, mean_k = sums
         if finite:
             norm = self._apply(grads)
+            if self.router_state:  # e.g. the sigmoid-bias router's balancing bias, from this step's load
+                update_router_state(self.model, load)
             mx.eval(self.model.parameters(), self.optimizer.state, norm)
-        total, ce, balance, z, load = sums
         return {"loss": ce.item(), "total_loss": total.item(), "balance_loss": balance.item(),
-                "z_loss": z.item(), "grad_norm": norm.item(), "lr": lr,
-                "load": np.array(load).round(5).tolist(), "skipped": not finite}
+                "z_loss": z.item(), "entropy_loss": entropy.item(), "grad_norm": norm.item(), "lr": lr,
+                "load": np.array(load).round(5).tolist(), "drop_rate": np.array(drop).round(5).tolist(),
+                "mean_k": np.array(mean_k).round(4).tolist(), "skipped": not finite}
 
 
 class Trainer:
@@ -154,8 +181,8 @@ class Trainer:
         if init:  # tinymoe train --init: start from a checkpoint's weights (e.g. an upcycled model)
             self.model.update(tree_unflatten(list(init["weights"].items())))
             mx.eval(self.model.parameters())
-        self.optimizer = optim.AdamW(learning_rate=lr_schedule(train), betas=[train.beta1, train.beta2],
-                                     weight_decay=train.weight_decay)
+        self.optimizer = make_optimizer(train.optimizer, lr_schedule(train), [train.beta1, train.beta2],
+                                        train.weight_decay, train.optimizer_state_dtype)
         self.optimizer.init(self.model.trainable_parameters())
         if self.data.train_tokens.size < model_cfg.context + 1:
             raise TinyMoeError(f"{', '.join(self.data.sources)}: only {self.data.train_tokens.size} training tokens "
@@ -195,7 +222,7 @@ class Trainer:
         window_start, window_tokens = time.perf_counter(), 0
         try:
             while self.step < t.steps:
-                last = self.stepper.step(self.sampler.next_batch for _ in range(t.grad_accum))
+                last = self.stepper.step((self.sampler.next_batch for _ in range(t.grad_accum)), self.step)
                 self.step += 1
                 self.tokens_seen += t.grad_accum * t.batch_size * self.cfg.context
                 stop = self._observe(last)
@@ -292,6 +319,12 @@ class Trainer:
         tmp = path.with_name(".metrics.jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, path)
+
+
+def step_key(seed: int, step: int) -> mx.array:
+    """The random key of one training step: a function of (seed, step) only, so a resumed run
+    draws the same router noise as an uninterrupted one."""
+    return mx.random.key((seed * 1_000_003 + step) % (1 << 63))
 
 
 def global_norm(grads) -> mx.array:

@@ -78,11 +78,9 @@ def export_hf(checkpoint: str, out: Path, arch: str | None = None, overwrite: bo
     report = {"out": str(out), "checkpoint": str(ckpt), "architecture": arch, "tensors": len(hf),
               "tokenizer": tok_report["kind"], "tokenizer_matches": tok_report["matches"]}
     if check is None:
-        try:
-            import mlx_lm  # noqa: F401
-            check = True
-        except ImportError:
-            check = False
+        import importlib.util
+
+        check = importlib.util.find_spec("mlx_lm") is not None
     if check:
         report["mlx_lm_max_abs_logit_diff"] = check_with_mlx_lm(model, out)
     return report

@@ -1,65 +1,97 @@
-"""Which Hugging Face architecture computes exactly what a tinymoe model computes, and back.
+"""Which Hugging Face architecture computes exactly what a tinymoe model computes at inference.
 
 Every architecture handled here shares tinymoe's skeleton: pre-norm decoder, RMSNorm, RoPE with
 the rotate-half convention (mlx `nn.RoPE(traditional=False)`), grouped-query attention without
-output bias, SwiGLU FFNs, no embedding scaling. They differ in routing and layer placement:
+output bias, SwiGLU FFNs, no embedding scaling. They differ in routing, layer placement, shared
+experts and q/k/v biases:
 
   llama          dense, no biases
   qwen2          dense, q/k/v biases
   mixtral        softmax over experts, top-k, renormalised (top-k of logits then softmax over
-                 the k is the same thing); every layer MoE
+                 the k is the same thing); every layer MoE; no shared experts
   ernie4_5_moe   softmax, top-k, renormalised; MoE iff layer >= start and (layer+1) % interval
-                 == 0, exactly tinymoe's `layer_is_moe`; interleaved RoPE (handled by permuting
-                 the q/k projection rows, see hf_weights); no attention biases in mlx-lm
+                 == 0, exactly tinymoe's `layer_is_moe`; ungated shared experts; interleaved RoPE
+                 (handled by permuting the q/k projection rows, see hf_weights)
   qwen2_moe      softmax, top-k, NOT renormalised (mlx-lm ignores norm_topk_prob), every layer
-                 MoE (mlx-lm ignores decoder_sparse_step), always a sigmoid-gated shared expert
-                 (exported as zeros), q/k/v biases
+                 MoE (mlx-lm ignores decoder_sparse_step), q/k/v biases, a sigmoid-gated shared
+                 expert (a zero gate weight makes it a constant 1/2, see hf_weights)
+  glm4_moe       sigmoid scores, top-k of scores + e_score_correction_bias, renormalised or not
+                 (DeepSeek-V3 routing); MoE from layer first_k_dense_replace on; ungated shared
+                 experts; q/k/v biases
 
 An export target must be implemented by both mlx-lm and transformers with the same semantics.
-`EXPORT_CANDIDATES` maps a tinymoe router name to its candidate architectures in order of
-preference; `export_problem` says why one does not fit. A router with no entry (or a setting this
-module does not know) is refused, never exported approximately. No MLX import here.
+`INFERENCE_ROUTING` is the table from a tinymoe router name to what that router computes in
+eval mode (training-only noise and jitter do not count); `export_problem` says why an
+architecture does not fit. A router without an entry, or a model setting this module does not
+know, is refused, never exported approximately. No MLX import here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 
 from tinymoe.config import ModelConfig
 from tinymoe.errors import TinyMoeError
 
 DENSE_ARCHS = ("llama", "qwen2")
-MOE_ARCHS = ("mixtral", "ernie4_5_moe", "qwen2_moe")
+SOFTMAX_ARCHS = ("mixtral", "ernie4_5_moe", "qwen2_moe")
+SIGMOID_ARCHS = ("glm4_moe",)
+MOE_ARCHS = SOFTMAX_ARCHS + SIGMOID_ARCHS
 CLASS_NAMES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mixtral": "MixtralForCausalLM",
-               "ernie4_5_moe": "Ernie4_5_MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
+               "ernie4_5_moe": "Ernie4_5_MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+               "glm4_moe": "Glm4MoeForCausalLM"}
+QWEN2_MOE_SHARED_HIDDEN = 1  # width of the all-zero shared expert a Qwen2-MoE export must carry
+# mlx-lm builds these with an lm_head whatever tie_word_embeddings says: tied models write the
+# embedding out as lm_head (an import re-ties a head equal to the embedding).
+ALWAYS_UNTIED = ("qwen2_moe", "glm4_moe")
 
 
-def _topk_candidates(cfg: ModelConfig) -> list[str]:
-    return list(MOE_ARCHS) if cfg.is_moe else list(DENSE_ARCHS)
+def _softmax_family(cfg: ModelConfig) -> tuple[str, bool]:
+    # topk-softmax (softmax over the k chosen logits) equals renormalised softmax-topk.
+    return "softmax", cfg.router_norm or cfg.router_order == "topk-softmax"
 
 
-# tinymoe router name -> candidate architectures (best first). Add a router here together with
-# its cases in `export_problem`, `hf_to_model_config` and hf_weights.
-EXPORT_CANDIDATES = {"topk": _topk_candidates}
+# tinymoe router -> its eval-mode routing as (scores, top-k gates renormalised?). jitter and noisy
+# perturb only while training; smart's learned temperature is folded into the router weight.
+INFERENCE_ROUTING = {
+    "topk": _softmax_family,
+    "jitter": _softmax_family,
+    "smart": _softmax_family,
+    "noisy": lambda cfg: ("softmax", True),
+    "switch": lambda cfg: ("softmax", False),
+    "sigmoid-bias": lambda cfg: ("sigmoid", cfg.router_norm),
+}
+NOT_EXPORTABLE = {
+    "expert-choice": "experts pick tokens across the batch (not causal); no autoregressive architecture routes that way",
+    "dynamic": "a per-token number of experts by probability threshold has no Hugging Face architecture in mlx-lm",
+}
 
-# ModelConfig fields whose meaning the mapping covers. Any other field with a non-default value
-# (a feature added later) makes export refuse rather than silently drop it.
+# ModelConfig fields the mapping understands. Training-only ones (losses, noise, jitter, bias
+# rate, training capacity) do not change the exported function. Any other field with a
+# non-default value (a feature added later) makes export refuse rather than drop it silently.
 KNOWN_FIELDS = {"vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "context", "d_ff",
                 "rope_theta", "norm_eps", "tie_embeddings", "attn_bias", "moe_experts", "moe_topk",
                 "expert_hidden", "moe_every", "moe_first_dense", "router_norm", "aux_loss_weight",
-                "z_loss_weight", "router"}
-# Training-only hints carried in config.json under this key, so a round trip keeps them.
+                "z_loss_weight", "router", "router_order", "noise_scale", "jitter_eps", "bias_rate",
+                "router_groups", "router_group_topk", "entropy_weight", "capacity_factor",
+                "eval_capacity_factor", "k_min", "k_max", "dynamic_threshold", "shared_experts"}
+# Training settings carried in config.json under TINYMOE_KEY so that an import restores them.
 TINYMOE_KEY = "tinymoe"
-
-
-def router_name(cfg: ModelConfig) -> str:
-    return str(getattr(cfg, "router", "topk"))
+HINT_FIELDS = ("aux_loss_weight", "z_loss_weight", "entropy_weight", "capacity_factor")
 
 
 def all_moe(cfg: ModelConfig) -> bool:
     return all(cfg.layer_is_moe(i) for i in range(cfg.n_layers))
+
+
+def routing_of(cfg: ModelConfig) -> tuple[str, bool]:
+    router = getattr(cfg, "router", "topk")
+    if router in NOT_EXPORTABLE:
+        raise TinyMoeError(f"router '{router}' cannot be exported: {NOT_EXPORTABLE[router]}")
+    if router not in INFERENCE_ROUTING:
+        raise TinyMoeError(f"router '{router}' has no Hugging Face architecture mapping "
+                           f"(export supports: {', '.join(INFERENCE_ROUTING)})")
+    return INFERENCE_ROUTING[router](cfg)
 
 
 def export_problem(cfg: ModelConfig, arch: str) -> str | None:
@@ -67,30 +99,44 @@ def export_problem(cfg: ModelConfig, arch: str) -> str | None:
     if arch in DENSE_ARCHS:
         if cfg.is_moe:
             return "a dense architecture cannot hold MoE layers"
-        if arch == "llama" and cfg.attn_bias:
-            return "llama has no q/k/v biases (use qwen2)"
-        return None
+        return "llama has no q/k/v biases (use qwen2)" if arch == "llama" and cfg.attn_bias else None
     if arch not in MOE_ARCHS:
         return f"unknown architecture '{arch}'"
     if not cfg.is_moe:
         return "the model is dense (use llama or qwen2)"
+    scores, normalised = routing_of(cfg)
+    if scores == "softmax" and arch not in SOFTMAX_ARCHS:
+        return f"{arch} routes with sigmoid scores; the model's router uses a softmax"
+    if scores == "sigmoid" and arch not in SIGMOID_ARCHS:
+        return f"{arch} routes with a softmax; the model's router uses sigmoid scores"
+    if getattr(cfg, "router_groups", 1) > 1:
+        return ("group-limited routing: mlx-lm's glm4_moe masks excluded groups with 0 where transformers "
+                "and tinymoe use -inf, and no softmax architecture has groups")
+    shared = getattr(cfg, "shared_experts", 0)
     if arch == "mixtral":
-        if not cfg.router_norm:
-            return "mixtral renormalises the top-k gates (the model has router_norm = false)"
+        if not normalised:
+            return "mixtral renormalises the top-k gates (the model does not)"
         if not all_moe(cfg):
             return "mixtral has an MoE FFN in every layer (the model has dense layers)"
         if cfg.attn_bias:
             return "mixtral has no q/k/v biases"
+        if shared:
+            return "mixtral has no shared experts"
     elif arch == "ernie4_5_moe":
-        if not cfg.router_norm:
-            return "ernie4_5_moe renormalises the top-k gates (the model has router_norm = false)"
+        if not normalised:
+            return "ernie4_5_moe renormalises the top-k gates (the model does not)"
         if cfg.attn_bias:
             return "mlx-lm's ernie4_5_moe cannot hold q/k/v biases alone"
     elif arch == "qwen2_moe":
-        if cfg.router_norm:
-            return "mlx-lm's qwen2_moe never renormalises the top-k gates (the model has router_norm = true)"
+        if normalised:
+            return "mlx-lm's qwen2_moe never renormalises the top-k gates (the model does)"
         if not all_moe(cfg):
             return "mlx-lm's qwen2_moe has an MoE FFN in every layer (the model has dense layers)"
+    elif arch == "glm4_moe":
+        if cfg.moe_every != 1:
+            return "glm4_moe has MoE in every layer after the first dense ones (the model has moe_every > 1)"
+        if normalised and cfg.moe_topk == 1:
+            return "mlx-lm's glm4_moe does not renormalise a single gate (use --no-router-norm for top-1)"
     return None
 
 
@@ -101,11 +147,12 @@ def choose_arch(cfg: ModelConfig, requested: str | None = None) -> str:
         if name not in KNOWN_FIELDS and value != defaults.get(name):
             raise TinyMoeError(f"export does not support the setting {name} = {value!r} "
                                f"(no Hugging Face architecture mapping for it yet)")
-    router = router_name(cfg)
-    if router not in EXPORT_CANDIDATES:
-        raise TinyMoeError(f"router '{router}' matches no Hugging Face architecture that mlx-lm and "
-                           f"transformers both implement; export supports: {', '.join(EXPORT_CANDIDATES)}")
-    candidates = EXPORT_CANDIDATES[router](cfg)
+    if cfg.is_moe:
+        routing_of(cfg)  # refuses routers without a mapping
+        if getattr(cfg, "eval_capacity_factor", 0.0) > 0:
+            raise TinyMoeError("eval_capacity_factor > 0 drops tokens at inference; no Hugging Face "
+                               "architecture does that (export with eval_capacity_factor 0)")
+    candidates = list(MOE_ARCHS if cfg.is_moe else DENSE_ARCHS)
     if requested and requested != "auto":
         if requested not in candidates:
             raise TinyMoeError(f"--arch {requested} does not fit this model (candidates: {', '.join(candidates)})")
@@ -124,6 +171,9 @@ def choose_arch(cfg: ModelConfig, requested: str | None = None) -> str:
 
 def hf_config_from_model(cfg: ModelConfig, arch: str) -> dict:
     """config.json for `cfg` exported as `arch` (assumes `export_problem(cfg, arch)` is None)."""
+    hints = {k: getattr(cfg, k) for k in HINT_FIELDS if hasattr(cfg, k)}
+    if getattr(cfg, "router", "topk") == "sigmoid-bias":
+        hints["bias_rate"] = cfg.bias_rate
     hf = {
         "architectures": [CLASS_NAMES[arch]], "model_type": arch, "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers,
@@ -131,9 +181,9 @@ def hf_config_from_model(cfg: ModelConfig, arch: str) -> dict:
         "head_dim": cfg.head_dim, "max_position_embeddings": cfg.context, "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta, "rope_scaling": None, "hidden_act": "silu",
         "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": "float32",
-        "bos_token_id": None, "eos_token_id": None, "use_cache": True,
-        TINYMOE_KEY: {"aux_loss_weight": cfg.aux_loss_weight, "z_loss_weight": cfg.z_loss_weight},
+        "bos_token_id": None, "eos_token_id": None, "use_cache": True, TINYMOE_KEY: hints,
     }
+    shared = getattr(cfg, "shared_experts", 0)
     if arch == "llama":
         hf.update(intermediate_size=cfg.d_ff, attention_bias=False, mlp_bias=False)
     elif arch == "qwen2":
@@ -145,141 +195,26 @@ def hf_config_from_model(cfg: ModelConfig, arch: str) -> dict:
         hf.update(intermediate_size=cfg.d_ff, moe_intermediate_size=cfg.expert_d_ff,
                   moe_num_experts=cfg.moe_experts, moe_k=cfg.moe_topk,
                   moe_layer_start_index=cfg.moe_first_dense, moe_layer_end_index=cfg.n_layers - 1,
-                  moe_layer_interval=cfg.moe_every, moe_num_shared_experts=0, use_bias=False,
+                  moe_layer_interval=cfg.moe_every, moe_num_shared_experts=shared, use_bias=False,
                   moe_gate_act="softmax", moe_use_aux_free=False, moe_norm_min=1e-12)
     elif arch == "qwen2_moe":
-        # mlx-lm's Qwen2-MoE always has a shared expert and always un-tied lm_head: both are
-        # written out (the shared expert as zeros, so it adds exactly nothing).
+        # mlx-lm's Qwen2-MoE always has a shared expert: a model without shared experts gets a
+        # zero one (it adds exactly nothing).
+        width = shared * cfg.expert_d_ff if shared else QWEN2_MOE_SHARED_HIDDEN
         hf.update(intermediate_size=cfg.d_ff, moe_intermediate_size=cfg.expert_d_ff,
                   num_experts=cfg.moe_experts, num_experts_per_tok=cfg.moe_topk,
-                  norm_topk_prob=cfg.router_norm, decoder_sparse_step=1, mlp_only_layers=[],
-                  shared_expert_intermediate_size=QWEN2_MOE_SHARED_HIDDEN, qkv_bias=True,
-                  use_sliding_window=False, sliding_window=None, tie_word_embeddings=False)
+                  norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[],
+                  shared_expert_intermediate_size=width, qkv_bias=True,
+                  use_sliding_window=False, sliding_window=None)
+    elif arch == "glm4_moe":
+        # transformers always builds shared experts: a model without them gets one zero expert.
+        hf.update(intermediate_size=cfg.d_ff, moe_intermediate_size=cfg.expert_d_ff,
+                  n_routed_experts=cfg.moe_experts, num_experts_per_tok=cfg.moe_topk,
+                  n_shared_experts=max(shared, 1), norm_topk_prob=cfg.router_norm,
+                  routed_scaling_factor=1.0, n_group=1, topk_group=1,
+                  first_k_dense_replace=cfg.moe_first_dense, attention_bias=cfg.attn_bias,
+                  use_qk_norm=False, partial_rotary_factor=1.0, scoring_func="sigmoid",
+                  topk_method="noaux_tc", num_nextn_predict_layers=0)
+    if arch in ALWAYS_UNTIED:
+        hf["tie_word_embeddings"] = False
     return hf
-
-
-QWEN2_MOE_SHARED_HIDDEN = 1  # width of the all-zero shared expert an export has to carry
-
-# Hugging Face config defaults (transformers) for the flags read on import when a file omits them.
-_HF_DEFAULTS = {
-    "llama": {"tie_word_embeddings": False, "rms_norm_eps": 1e-6, "attention_bias": False, "mlp_bias": False},
-    "qwen2": {"tie_word_embeddings": False, "rms_norm_eps": 1e-6},
-    "mixtral": {"tie_word_embeddings": False, "rms_norm_eps": 1e-5},
-    "qwen2_moe": {"tie_word_embeddings": False, "rms_norm_eps": 1e-6, "decoder_sparse_step": 1,
-                  "norm_topk_prob": False, "qkv_bias": True, "mlp_only_layers": []},
-    "ernie4_5_moe": {"tie_word_embeddings": True, "rms_norm_eps": 1e-5, "use_bias": False,
-                     "moe_layer_start_index": 1, "moe_layer_end_index": -1, "moe_layer_interval": 1,
-                     "moe_num_shared_experts": 2, "moe_gate_act": "softmax"},
-}
-_DEFAULT_THETA = {"llama": 10000.0, "qwen2": 10000.0, "mixtral": 1e6, "qwen2_moe": 10000.0,
-                  "ernie4_5_moe": 500000.0}
-
-
-def read_hf_config(directory: Path) -> dict:
-    path = Path(directory) / "config.json"
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise TinyMoeError(f"{path}: missing (not a Hugging Face model directory)") from None
-    except (OSError, ValueError) as exc:
-        raise TinyMoeError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(raw, dict):
-        raise TinyMoeError(f"{path}: not a JSON object")
-    return raw
-
-
-def _rope_theta(hf: dict, arch: str, where: str) -> float:
-    # transformers >= 5 writes rope_parameters; older files write rope_theta and rope_scaling.
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling")
-    rope_type = params.get("rope_type") or params.get("type") or "default"
-    if scaling not in (None, {}) and (scaling.get("rope_type") or scaling.get("type")) not in (None, "default"):
-        raise TinyMoeError(f"{where}: rope_scaling {scaling} is not supported (tinymoe uses plain RoPE)")
-    if rope_type != "default" or params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise TinyMoeError(f"{where}: rope_parameters {params} are not supported (tinymoe uses plain RoPE)")
-    return float(params.get("rope_theta", hf.get("rope_theta", _DEFAULT_THETA[arch])))
-
-
-def moe_placement(moe_layers: set[int], n_layers: int, where: str) -> tuple[int, int]:
-    """(moe_every, moe_first_dense) whose `layer_is_moe` gives exactly `moe_layers`."""
-    for every in range(1, n_layers + 1):
-        for first in range(n_layers + 1):
-            if {i for i in range(n_layers) if i >= first and (i + 1) % every == 0} == moe_layers:
-                return every, first
-    raise TinyMoeError(f"{where}: MoE layers {sorted(moe_layers)} are not 'every Nth layer after the "
-                       f"first F', the placements tinymoe supports")
-
-
-def _get(hf: dict, arch: str, key: str, where: str):
-    if key in hf and hf[key] is not None:
-        return hf[key]
-    if key in _HF_DEFAULTS.get(arch, {}):
-        return _HF_DEFAULTS[arch][key]
-    raise TinyMoeError(f"{where}: '{key}' is missing")
-
-
-def hf_to_model_config(hf: dict, where: str, context: int | None = None) -> tuple[ModelConfig, str]:
-    """(ModelConfig, architecture) for a config.json; refuses what tinymoe cannot compute."""
-    arch = hf.get("model_type")
-    if arch not in DENSE_ARCHS + MOE_ARCHS:
-        raise TinyMoeError(f"{where}: model_type {arch!r} is not supported "
-                           f"(supported: {', '.join(DENSE_ARCHS + MOE_ARCHS)})")
-    get = lambda key: _get(hf, arch, key, where)  # noqa: E731
-    d_model, n_heads = int(get("hidden_size")), int(get("num_attention_heads"))
-    n_layers = int(get("num_hidden_layers"))
-    head_dim = hf.get("head_dim") or d_model // n_heads
-    if n_heads * head_dim != d_model:
-        raise TinyMoeError(f"{where}: head_dim {head_dim} x {n_heads} heads != hidden_size {d_model} "
-                           f"(tinymoe needs head_dim = hidden_size / heads)")
-    if hf.get("hidden_act", "silu") not in ("silu", "swish"):
-        raise TinyMoeError(f"{where}: hidden_act {hf.get('hidden_act')!r} is not supported (SwiGLU needs silu)")
-    if hf.get("use_sliding_window"):
-        raise TinyMoeError(f"{where}: sliding-window attention is not supported")
-    max_pos = int(hf.get("max_position_embeddings") or 2048)
-    window = hf.get("sliding_window") if arch == "mixtral" else None
-    # Attention limited to a window is identical to full attention over a context that short.
-    ctx = context or (min(max_pos, int(window)) if window else max_pos)
-    cfg = dict(vocab_size=int(get("vocab_size")), d_model=d_model, n_layers=n_layers, n_heads=n_heads,
-               n_kv_heads=int(hf.get("num_key_value_heads") or n_heads), context=ctx,
-               d_ff=int(get("intermediate_size")), rope_theta=_rope_theta(hf, arch, where),
-               norm_eps=float(get("rms_norm_eps")), tie_embeddings=bool(get("tie_word_embeddings")))
-    if arch == "llama":
-        if get("attention_bias") or get("mlp_bias"):
-            raise TinyMoeError(f"{where}: llama with attention_bias/mlp_bias is not supported "
-                               f"(tinymoe has no output-projection or FFN biases)")
-    elif arch == "qwen2":
-        cfg["attn_bias"] = True  # dropped again on import when every bias is zero
-    elif arch == "mixtral":
-        cfg.update(moe_experts=int(get("num_local_experts")), moe_topk=int(get("num_experts_per_tok")),
-                   router_norm=True)
-    elif arch == "qwen2_moe":
-        moe = {i for i in range(n_layers) if i not in set(get("mlp_only_layers"))
-               and (i + 1) % int(get("decoder_sparse_step")) == 0}
-        every, first = moe_placement(moe, n_layers, where)
-        cfg.update(moe_experts=int(get("num_experts")), moe_topk=int(get("num_experts_per_tok")),
-                   expert_hidden=int(get("moe_intermediate_size")), router_norm=bool(get("norm_topk_prob")),
-                   moe_every=every, moe_first_dense=first, attn_bias=bool(get("qkv_bias")))
-    elif arch == "ernie4_5_moe":
-        if get("use_bias"):
-            raise TinyMoeError(f"{where}: ernie4_5_moe with use_bias is not supported")
-        if get("moe_gate_act") != "softmax":
-            raise TinyMoeError(f"{where}: moe_gate_act {get('moe_gate_act')!r} is not supported (softmax only)")
-        start, end = get("moe_layer_start_index"), get("moe_layer_end_index")
-        start = min(start) if isinstance(start, list) else int(start)
-        end = max(end) if isinstance(end, list) else int(end)
-        end = n_layers - 1 if end == -1 else end
-        interval = int(get("moe_layer_interval"))
-        moe = {i for i in range(n_layers) if (i + 1) % interval == 0 and start <= i <= end}
-        every, first = moe_placement(moe, n_layers, where)
-        cfg.update(moe_experts=int(get("moe_num_experts")), moe_topk=int(get("moe_k")),
-                   expert_hidden=int(hf.get("moe_intermediate_size") or 0), router_norm=True,
-                   moe_every=every, moe_first_dense=first)
-    hints = hf.get(TINYMOE_KEY)
-    if isinstance(hints, dict):
-        for key in ("aux_loss_weight", "z_loss_weight"):
-            if isinstance(hints.get(key), (int, float)) and not isinstance(hints.get(key), bool):
-                cfg[key] = float(hints[key])
-    model_cfg = ModelConfig(**cfg)
-    if model_cfg.expert_hidden == model_cfg.d_ff:
-        model_cfg.expert_hidden = 0  # tinymoe's spelling of "same as d_ff"
-    return model_cfg, arch

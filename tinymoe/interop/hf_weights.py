@@ -10,6 +10,14 @@ rotates halves (x[i], x[i + Dh/2]) with the same frequencies. Reordering the row
 the q and k projections by `rope_permutation` turns one into the other exactly, and attention
 scores are unchanged because q and k are reordered alike.
 
+Router extras: the sigmoid-bias router's `selection_bias` is GLM-4-MoE's
+`e_score_correction_bias`; the smart router's learned temperature is folded into the exported
+router weight (W / T gives the same logits); the noisy router's noise weights act only in
+training and are not exported. Shared experts (one ungated SwiGLU of width N x H in tinymoe) are
+ERNIE's and GLM's `shared_experts` as they are, and Qwen2-MoE's sigmoid-gated `shared_expert`
+with a zero gate weight (sigmoid(0) = 1/2 exactly) and `down_proj` doubled (exact in floating
+point); an import halves it back.
+
 Shapes: D model width, H FFN hidden width, E experts, Dh head width.
 """
 
@@ -22,14 +30,16 @@ import numpy as np
 
 from tinymoe.config import ModelConfig
 from tinymoe.errors import TinyMoeError
-from tinymoe.interop.hf_config import QWEN2_MOE_SHARED_HIDDEN
+from tinymoe.interop.hf_config import ALWAYS_UNTIED, QWEN2_MOE_SHARED_HIDDEN
 
 # Per MoE architecture: the FFN module name, the router name, HF names of (w_gate, w_up, w_down).
 MOE_LAYOUT = {
     "mixtral": ("block_sparse_moe", "gate", ("w1", "w3", "w2")),
     "qwen2_moe": ("mlp", "gate", ("gate_proj", "up_proj", "down_proj")),
     "ernie4_5_moe": ("mlp", "gate", ("gate_proj", "up_proj", "down_proj")),
+    "glm4_moe": ("mlp", "gate", ("gate_proj", "up_proj", "down_proj")),
 }
+SHARED_MODULE = {"ernie4_5_moe": "shared_experts", "glm4_moe": "shared_experts"}  # ungated, renamed only
 _ATTN = (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj"), ("wo", "o_proj"))
 _DENSE = (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj"))
 _EXPERTS = ("w_gate", "w_up", "w_down")
@@ -66,6 +76,11 @@ def name_map(cfg: ModelConfig, arch: str) -> dict[str, str]:
         if cfg.layer_is_moe(i):
             block, router, _ = MOE_LAYOUT[arch]
             names[f"{t}.moe.router.weight"] = f"{h}.{block}.{router}.weight"
+            if getattr(cfg, "router", "topk") == "sigmoid-bias":
+                names[f"{t}.moe.router.selection_bias"] = f"{h}.mlp.gate.e_score_correction_bias"
+            if getattr(cfg, "shared_experts", 0) and arch in SHARED_MODULE:
+                for ours, theirs in _DENSE:
+                    names[f"{t}.moe.shared.{ours}.weight"] = f"{h}.mlp.{SHARED_MODULE[arch]}.{theirs}.weight"
         else:
             for ours, theirs in _DENSE:
                 names[f"{t}.ffn.{ours}.weight"] = f"{h}.mlp.{theirs}.weight"
@@ -89,36 +104,60 @@ def to_hf(cfg: ModelConfig, weights: dict, arch: str) -> dict:
     import mlx.core as mx
 
     out = {}
+    router = getattr(cfg, "router", "topk")
     for ours, theirs in name_map(cfg, arch).items():
         w = weights[ours]
         if arch == "ernie4_5_moe" and _is_rope_proj(ours):
             w = _permute_heads(w, cfg.head_dim, rope_permutation(cfg.head_dim))
+        if router == "smart" and ours.endswith(".moe.router.weight"):
+            w = w.astype(mx.float32) / _temperature(weights[ours.replace(".weight", ".log_temperature")])
         out[theirs] = w
-    if arch == "qwen2_moe":  # always un-tied in mlx-lm; the head is the embedding when tied
+    if arch in ALWAYS_UNTIED:  # mlx-lm always reads an lm_head; the head is the embedding when tied
         out["lm_head.weight"] = weights["lm_head.weight" if not cfg.tie_embeddings else "embed.weight"]
-    D = cfg.d_model
+    D, dt = cfg.d_model, weights["embed.weight"].dtype  # padding tensors follow the model dtype
     for i in range(cfg.n_layers):
         h = f"model.layers.{i}"
         if arch == "qwen2_moe":
             for p in ("q_proj", "k_proj", "v_proj"):  # qkv_bias is always on in mlx-lm
                 if f"{h}.self_attn.{p}.bias" not in out:
                     rows = out[f"{h}.self_attn.{p}.weight"].shape[0]
-                    out[f"{h}.self_attn.{p}.bias"] = mx.zeros((rows,), mx.float32)
+                    out[f"{h}.self_attn.{p}.bias"] = mx.zeros((rows,), dt)
         if not cfg.layer_is_moe(i):
             continue
         for ours, per_expert in expert_names(arch, i, cfg.moe_experts).items():
             stacked = weights[ours]  # (E, H, D) or (E, D, H)
             for e, theirs in enumerate(per_expert):
                 out[theirs] = stacked[e]
+        shared = getattr(cfg, "shared_experts", 0)
         if arch == "qwen2_moe":
-            s = QWEN2_MOE_SHARED_HIDDEN
-            out[f"{h}.mlp.shared_expert.gate_proj.weight"] = mx.zeros((s, D), mx.float32)
-            out[f"{h}.mlp.shared_expert.up_proj.weight"] = mx.zeros((s, D), mx.float32)
-            out[f"{h}.mlp.shared_expert.down_proj.weight"] = mx.zeros((D, s), mx.float32)
-            out[f"{h}.mlp.shared_expert_gate.weight"] = mx.zeros((1, D), mx.float32)
+            out[f"{h}.mlp.shared_expert_gate.weight"] = mx.zeros((1, D), dt)  # gate = 1/2
+            if shared:
+                t = f"blocks.{i}.moe.shared"
+                out[f"{h}.mlp.shared_expert.gate_proj.weight"] = weights[f"{t}.w_gate.weight"]
+                out[f"{h}.mlp.shared_expert.up_proj.weight"] = weights[f"{t}.w_up.weight"]
+                out[f"{h}.mlp.shared_expert.down_proj.weight"] = weights[f"{t}.w_down.weight"] * 2
+            else:
+                s = QWEN2_MOE_SHARED_HIDDEN
+                out[f"{h}.mlp.shared_expert.gate_proj.weight"] = mx.zeros((s, D), dt)
+                out[f"{h}.mlp.shared_expert.up_proj.weight"] = mx.zeros((s, D), dt)
+                out[f"{h}.mlp.shared_expert.down_proj.weight"] = mx.zeros((D, s), dt)
         elif arch == "ernie4_5_moe":  # zero selection bias = plain softmax top-k
             out[f"{h}.mlp.moe_statics.e_score_correction_bias"] = mx.zeros((1, cfg.moe_experts), mx.float32)
+        elif arch == "glm4_moe":
+            if not shared:  # transformers always has one: make it compute nothing
+                H = cfg.expert_d_ff
+                for p, shape in (("gate_proj", (H, D)), ("up_proj", (H, D)), ("down_proj", (D, H))):
+                    out[f"{h}.mlp.shared_experts.{p}.weight"] = mx.zeros(shape, dt)
     return out
+
+
+def _temperature(log_t):
+    """The smart router's temperature, clipped as the router clips it."""
+    import mlx.core as mx
+
+    from tinymoe.routers import LOG_TEMPERATURE_RANGE
+
+    return mx.exp(mx.clip(log_t.astype(mx.float32), *LOG_TEMPERATURE_RANGE))
 
 
 def _all_zero(a) -> bool:
@@ -149,11 +188,11 @@ def from_hf(cfg: ModelConfig, hf: dict, arch: str, where: str) -> tuple[ModelCon
             cfg.attn_bias = False
     if not cfg.tie_embeddings and "lm_head.weight" in hf and "model.embed_tokens.weight" in hf:
         if mx.array_equal(hf["lm_head.weight"], hf["model.embed_tokens.weight"]).item():
-            cfg.tie_embeddings = True  # an exported tied model (Qwen2-MoE cannot say "tied")
+            cfg.tie_embeddings = True  # an exported tied model (see ALWAYS_UNTIED)
             del hf["lm_head.weight"]
     if cfg.tie_embeddings:
         hf.pop("lm_head.weight", None)  # some tied checkpoints still carry a copy
-    out = {}
+    out = _shared_from_hf(cfg, hf, arch, where)
     for ours, theirs in name_map(cfg, arch).items():
         w = take(theirs)
         if arch == "ernie4_5_moe" and _is_rope_proj(ours):
@@ -164,27 +203,63 @@ def from_hf(cfg: ModelConfig, hf: dict, arch: str, where: str) -> tuple[ModelCon
             continue
         for ours, per_expert in expert_names(arch, i, cfg.moe_experts).items():
             out[ours] = mx.stack([take(n) for n in per_expert])
-        h = f"model.layers.{i}.mlp"
-        if arch == "qwen2_moe":
-            parts = [hf.pop(f"{h}.shared_expert.{p}.weight", None) for p in ("gate_proj", "up_proj", "down_proj")]
-            hf.pop(f"{h}.shared_expert_gate.weight", None)
-            if any(p is not None for p in parts) and not any(p is not None and _all_zero(p) for p in parts):
-                raise TinyMoeError(f"{where}: layer {i} has a non-zero shared expert; importing shared "
-                                   f"experts needs tinymoe shared-expert support")
-        elif arch == "ernie4_5_moe":
-            bias = hf.pop(f"{h}.moe_statics.e_score_correction_bias", None)
+        if arch == "ernie4_5_moe":
+            bias = hf.pop(f"model.layers.{i}.mlp.moe_statics.e_score_correction_bias", None)
             if bias is not None and not _all_zero(bias):
                 raise TinyMoeError(f"{where}: layer {i} has a non-zero e_score_correction_bias "
                                    f"(biased expert selection) that tinymoe's softmax top-k router lacks")
-            if any(k.startswith(f"{h}.shared_experts.") for k in hf):
-                parts = [hf.pop(k) for k in [k for k in hf if k.startswith(f"{h}.shared_experts.")]]
-                if not any(_all_zero(p) for p in parts):
-                    raise TinyMoeError(f"{where}: layer {i} has non-zero shared experts; importing shared "
-                                       f"experts needs tinymoe shared-expert support")
     if hf:
         extra = sorted(hf)
         raise TinyMoeError(f"{where}: {len(extra)} tensor(s) tinymoe has no place for, e.g. '{extra[0]}'")
     return cfg, out
+
+
+def _shared_tensors(hf: dict, layer: int, arch: str) -> dict:
+    prefix = f"model.layers.{layer}.mlp.{'shared_expert' if arch == 'qwen2_moe' else 'shared_experts'}."
+    return {k: v for k, v in hf.items() if k.startswith(prefix)}
+
+
+def _shared_from_hf(cfg: ModelConfig, hf: dict, arch: str, where: str) -> dict:
+    """Decide the shared experts from the tensors: all-zero ones (in every MoE layer) are dropped;
+    Qwen2-MoE's are converted here (gate must be constant, down_proj halved); ERNIE's and GLM's
+    are left in `hf` for name_map. Sets cfg.shared_experts; returns converted tinymoe tensors."""
+    import mlx.core as mx
+
+    layers = [i for i in range(cfg.n_layers) if cfg.layer_is_moe(i)]
+    parts = {i: _shared_tensors(hf, i, arch) for i in layers}
+    if not any(parts.values()):
+        if cfg.shared_experts:
+            raise TinyMoeError(f"{where}: the config has {cfg.shared_experts} shared experts but the "
+                               f"files hold no shared-expert tensors")
+        return {}
+    # A SwiGLU with an all-zero gate, up or down projection adds exactly nothing.
+    if all(any(_all_zero(v) for v in p.values()) for p in parts.values()):
+        for p in parts.values():
+            for k in p:
+                del hf[k]
+        for i in layers:
+            hf.pop(f"model.layers.{i}.mlp.shared_expert_gate.weight", None)
+        cfg.shared_experts = 0
+        return {}
+    first = parts[layers[0]]
+    width = next(v for k, v in first.items() if k.endswith("up_proj.weight")).shape[0]
+    if width % cfg.expert_d_ff:
+        raise TinyMoeError(f"{where}: shared expert width {width} is not a multiple of the expert width "
+                           f"{cfg.expert_d_ff} (tinymoe's shared experts are N experts wide)")
+    cfg.shared_experts = width // cfg.expert_d_ff
+    if arch != "qwen2_moe":
+        return {}
+    out = {}
+    for i in layers:
+        h = f"model.layers.{i}.mlp"
+        gate = hf.pop(f"{h}.shared_expert_gate.weight", None)
+        if gate is None or not _all_zero(gate):
+            raise TinyMoeError(f"{where}: layer {i}'s shared expert has an input-dependent sigmoid gate; "
+                               f"tinymoe's shared experts are ungated")
+        for ours, theirs in _DENSE:
+            w = hf.pop(f"{h}.shared_expert.{theirs}.weight").astype(mx.float32)
+            out[f"blocks.{i}.moe.shared.{ours}.weight"] = w * 0.5 if ours == "w_down" else w  # sigmoid(0)
+    return out
 
 
 def read_safetensors_dir(directory: Path) -> dict:

@@ -19,12 +19,12 @@ from tinymoe.errors import TinyMoeError
 
 def load_hf(directory: Path, context: int | None = None) -> dict:
     """{"cfg", "weights" (tinymoe names, float32 mx arrays), "tokenizer", "arch", "source"}."""
-    from tinymoe.interop import hf_config, hf_weights
+    from tinymoe.interop import hf_config_read, hf_weights
     from tinymoe.interop.hf_tokenizer import read_hf_tokenizer
 
     directory = Path(directory)
     where = str(directory)
-    cfg, arch = hf_config.hf_to_model_config(hf_config.read_hf_config(directory), where, context)
+    cfg, arch = hf_config_read.hf_to_model_config(hf_config_read.read_hf_config(directory), where, context)
     cfg, weights = hf_weights.from_hf(cfg, hf_weights.read_safetensors_dir(directory), arch, where)
     validate(cfg)
     hf_weights.check_shapes(cfg, weights, where)

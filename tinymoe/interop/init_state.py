@@ -17,7 +17,8 @@ from pathlib import Path
 
 from tinymoe.errors import TinyMoeError
 
-INIT_MAY_CHANGE = {"context", "aux_loss_weight", "z_loss_weight", "router_norm", "moe_topk"}
+INIT_MAY_CHANGE = {"context", "aux_loss_weight", "z_loss_weight", "entropy_weight", "router_norm", "moe_topk",
+                   "capacity_factor", "eval_capacity_factor", "jitter_eps", "bias_rate"}
 
 
 def has_training_state(manifest: dict) -> bool:

@@ -12,6 +12,11 @@ expert, a random fraction p of the H intermediate units is re-initialised, i.e. 
 w_gate and w_up and the matching columns of w_down are drawn again from a normal distribution
 with the mean and standard deviation of the dense matrix they came from. Each expert draws its
 own units. Everything random comes from one seeded numpy generator, so a seed gives one result.
+
+Shared experts (--shared-experts N) start from the dense FFN too: the shared SwiGLU of width
+N x H is the dense FFN's units repeated N times with w_down divided by N, and the shared and the
+routed halves each carry half the dense output (their w_down are halved), so the layer still
+starts as the dense FFN exactly. Drop-Upcycling re-draws routed experts only.
 """
 
 from __future__ import annotations
@@ -29,13 +34,14 @@ IDENTITY_TOLERANCE = 1e-4  # max |logit diff| / max(1, max |logit|) accepted as 
 
 
 def moe_config(dense: ModelConfig, experts: int, topk: int, every: int = 1, first_dense: int = 0,
-               router_norm: bool = True) -> ModelConfig:
+               router_norm: bool = True, shared_experts: int = 0) -> ModelConfig:
     if dense.is_moe:
         raise TinyMoeError(f"the source is already an MoE ({dense.moe_experts} experts); upcycling needs a dense model")
     if experts < 2:
         raise TinyMoeError(f"--moe-experts must be at least 2, got {experts}")
     cfg = dataclasses.replace(dense, moe_experts=experts, moe_topk=topk, moe_every=every,
-                              moe_first_dense=first_dense, expert_hidden=0, router_norm=router_norm)
+                              moe_first_dense=first_dense, expert_hidden=0, router_norm=router_norm,
+                              shared_experts=shared_experts)
     validate(cfg)
     if not any(cfg.layer_is_moe(i) for i in range(cfg.n_layers)):
         raise TinyMoeError(f"no layer becomes MoE with --every-n {every} and --first-dense {first_dense} "
@@ -78,6 +84,13 @@ def upcycle_weights(dense_weights: dict, cfg: ModelConfig, drop_fraction: float 
                 _redraw(stacked["w_gate"][e], units, 0, rng, *stats["w_gate"])
                 _redraw(stacked["w_up"][e], units, 0, rng, *stats["w_up"])
                 _redraw(stacked["w_down"][e], units, 1, rng, *stats["w_down"])
+        n_shared = getattr(cfg, "shared_experts", 0)
+        if n_shared:  # half the output from the shared expert, half from the routed ones
+            stacked["w_down"] = stacked["w_down"] * 0.5
+            shared = {"w_gate": np.tile(dense["w_gate"], (n_shared, 1)), "w_up": np.tile(dense["w_up"], (n_shared, 1)),
+                      "w_down": np.tile(dense["w_down"], (1, n_shared)) * (0.5 / n_shared)}  # (N*H, D), (D, N*H)
+            for p, w in shared.items():
+                out[f"blocks.{i}.moe.shared.{p}.weight"] = mx.array(w.astype(np.float32)).astype(dtype)
         for p, w in stacked.items():
             out[f"blocks.{i}.moe.experts.{p}"] = mx.array(w.astype(np.float32)).astype(dtype)
         # Same scale as TopKRouter's own initialisation; the router stays float32.
@@ -119,13 +132,10 @@ def upcycle(source: str, out: Path, experts: int, topk: int, every: int = 1, fir
     """`tinymoe upcycle`: dense tinymoe checkpoint or HF Llama/Qwen2 directory -> MoE run dir."""
     from tinymoe.interop.import_hf import check_out, load_source, param_counts, write_checkpoint
 
-    if shared_experts:
-        raise TinyMoeError("--shared-experts needs shared-expert support in tinymoe's model, "
-                           "which this version does not have")
     check_out(Path(out), overwrite, source)  # fail before the slow part
     src = load_source(source, context)
     dense_cfg = src["cfg"]
-    cfg = moe_config(dense_cfg, experts, topk, every, first_dense, router_norm)
+    cfg = moe_config(dense_cfg, experts, topk, every, first_dense, router_norm, shared_experts)
     weights = upcycle_weights(src["weights"], cfg, drop_fraction, seed)
     check = identity_check(dense_cfg, src["weights"], cfg, weights)
     exact_expected = drop_fraction == 0 and router_norm
@@ -133,12 +143,14 @@ def upcycle(source: str, out: Path, experts: int, topk: int, every: int = 1, fir
         raise TinyMoeError(f"identity check failed: max |logit diff| {check['max_abs_logit_diff']:.3g} "
                            f"is above float32 noise; nothing written")
     provenance = {"kind": "upcycle", "from": source, "source_architecture": src["arch"], "experts": experts,
-                  "topk": topk, "every": every, "first_dense": first_dense, "drop_fraction": drop_fraction,
+                  "topk": topk, "every": every, "first_dense": first_dense, "shared_experts": shared_experts,
+                  "drop_fraction": drop_fraction,
                   "seed": seed, "identity_check": check}
     ckpt = write_checkpoint(Path(out), cfg, weights, src["tokenizer"], provenance, overwrite)
     moe_layers = [i for i in range(cfg.n_layers) if cfg.layer_is_moe(i)]
     return {"checkpoint": str(ckpt), "source": src["source"], "source_architecture": src["arch"],
-            "moe_layers": moe_layers, "experts": experts, "topk": topk, "drop_fraction": drop_fraction,
+            "moe_layers": moe_layers, "experts": experts, "topk": topk, "shared_experts": shared_experts,
+            "drop_fraction": drop_fraction,
             "router_norm": router_norm, "tokenizer": src["tokenizer"].kind,
             "params": param_counts(cfg, weights), "identity_check": check,
             "identity_expected": exact_expected}

@@ -1,0 +1,160 @@
+"""A Hugging Face config.json -> tinymoe ModelConfig, refusing what tinymoe cannot compute.
+
+The inverse of hf_config's export mapping for the same architectures. Fields a file omits take
+transformers' defaults for that architecture (`_HF_DEFAULTS`); structural sizes must be present.
+Shared experts and q/k/v biases are decided here from the config and corrected by hf_weights
+from the tensors (a shared expert or bias that is all zeros computes nothing and is dropped).
+No MLX import here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tinymoe.config import ModelConfig
+from tinymoe.errors import TinyMoeError
+from tinymoe.interop.hf_config import DENSE_ARCHS, MOE_ARCHS, TINYMOE_KEY
+
+_HF_DEFAULTS = {
+    "llama": {"tie_word_embeddings": False, "rms_norm_eps": 1e-6, "attention_bias": False, "mlp_bias": False},
+    "qwen2": {"tie_word_embeddings": False, "rms_norm_eps": 1e-6},
+    "mixtral": {"tie_word_embeddings": False, "rms_norm_eps": 1e-5},
+    "qwen2_moe": {"tie_word_embeddings": False, "rms_norm_eps": 1e-6, "decoder_sparse_step": 1,
+                  "norm_topk_prob": False, "qkv_bias": True, "mlp_only_layers": []},
+    "ernie4_5_moe": {"tie_word_embeddings": True, "rms_norm_eps": 1e-5, "use_bias": False,
+                     "moe_layer_start_index": 1, "moe_layer_end_index": -1, "moe_layer_interval": 1,
+                     "moe_num_shared_experts": 2, "moe_gate_act": "softmax"},
+    "glm4_moe": {"tie_word_embeddings": False, "rms_norm_eps": 1e-5, "attention_bias": False,
+                 "n_shared_experts": 1, "routed_scaling_factor": 1.0, "n_group": 1, "topk_group": 1,
+                 "first_k_dense_replace": 1, "norm_topk_prob": True, "use_qk_norm": False},
+}
+_DEFAULT_THETA = {"llama": 10000.0, "qwen2": 10000.0, "mixtral": 1e6, "qwen2_moe": 10000.0,
+                  "ernie4_5_moe": 500000.0, "glm4_moe": 10000.0}
+_DEFAULT_PARTIAL_ROTARY = {"glm4_moe": 0.5}  # transformers' backward-compatible default
+
+
+def read_hf_config(directory: Path) -> dict:
+    path = Path(directory) / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise TinyMoeError(f"{path}: missing (not a Hugging Face model directory)") from None
+    except (OSError, ValueError) as exc:
+        raise TinyMoeError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise TinyMoeError(f"{path}: not a JSON object")
+    return raw
+
+
+def _rope_theta(hf: dict, arch: str, where: str) -> float:
+    # transformers >= 5 writes rope_parameters; older files write rope_theta and rope_scaling.
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling")
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    if isinstance(scaling, dict) and (scaling.get("rope_type") or scaling.get("type")) not in (None, "default"):
+        raise TinyMoeError(f"{where}: rope_scaling {scaling} is not supported (tinymoe uses plain RoPE)")
+    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", _DEFAULT_PARTIAL_ROTARY.get(arch, 1.0)))
+    if rope_type != "default" or float(partial) != 1.0:
+        raise TinyMoeError(f"{where}: RoPE type {rope_type!r} with partial_rotary_factor {partial} is not "
+                           f"supported (tinymoe rotates the whole head with plain RoPE)")
+    return float(params.get("rope_theta", hf.get("rope_theta", _DEFAULT_THETA[arch])))
+
+
+def moe_placement(moe_layers: set[int], n_layers: int, where: str) -> tuple[int, int]:
+    """(moe_every, moe_first_dense) whose `layer_is_moe` gives exactly `moe_layers`."""
+    for every in range(1, n_layers + 1):
+        for first in range(n_layers + 1):
+            if {i for i in range(n_layers) if i >= first and (i + 1) % every == 0} == moe_layers:
+                return every, first
+    raise TinyMoeError(f"{where}: MoE layers {sorted(moe_layers)} are not 'every Nth layer after the "
+                       f"first F', the placements tinymoe supports")
+
+
+def _get(hf: dict, arch: str, key: str, where: str):
+    if key in hf and hf[key] is not None:
+        return hf[key]
+    if key in _HF_DEFAULTS.get(arch, {}):
+        return _HF_DEFAULTS[arch][key]
+    raise TinyMoeError(f"{where}: '{key}' is missing")
+
+
+def hf_to_model_config(hf: dict, where: str, context: int | None = None) -> tuple[ModelConfig, str]:
+    """(ModelConfig, architecture) for a config.json; refuses what tinymoe cannot compute."""
+    arch = hf.get("model_type")
+    if arch not in DENSE_ARCHS + MOE_ARCHS:
+        raise TinyMoeError(f"{where}: model_type {arch!r} is not supported "
+                           f"(supported: {', '.join(DENSE_ARCHS + MOE_ARCHS)})")
+    get = lambda key: _get(hf, arch, key, where)  # noqa: E731
+    d_model, n_heads = int(get("hidden_size")), int(get("num_attention_heads"))
+    n_layers = int(get("num_hidden_layers"))
+    head_dim = hf.get("head_dim") or d_model // n_heads
+    if n_heads * head_dim != d_model:
+        raise TinyMoeError(f"{where}: head_dim {head_dim} x {n_heads} heads != hidden_size {d_model} "
+                           f"(tinymoe needs head_dim = hidden_size / heads)")
+    if hf.get("hidden_act", "silu") not in ("silu", "swish"):
+        raise TinyMoeError(f"{where}: hidden_act {hf.get('hidden_act')!r} is not supported (SwiGLU needs silu)")
+    if hf.get("use_sliding_window"):
+        raise TinyMoeError(f"{where}: sliding-window attention is not supported")
+    max_pos = int(hf.get("max_position_embeddings") or 2048)
+    window = hf.get("sliding_window") if arch == "mixtral" else None
+    # Attention limited to a window is identical to full attention over a context that short.
+    ctx = context or (min(max_pos, int(window)) if window else max_pos)
+    cfg = dict(vocab_size=int(get("vocab_size")), d_model=d_model, n_layers=n_layers, n_heads=n_heads,
+               n_kv_heads=int(hf.get("num_key_value_heads") or n_heads), context=ctx,
+               d_ff=int(get("intermediate_size")), rope_theta=_rope_theta(hf, arch, where),
+               norm_eps=float(get("rms_norm_eps")), tie_embeddings=bool(get("tie_word_embeddings")))
+    if arch == "llama":
+        if get("attention_bias") or get("mlp_bias"):
+            raise TinyMoeError(f"{where}: llama with attention_bias/mlp_bias is not supported "
+                               f"(tinymoe has no output-projection or FFN biases)")
+    elif arch == "qwen2":
+        cfg["attn_bias"] = True  # dropped again by hf_weights when every bias is zero
+    elif arch == "mixtral":
+        cfg.update(moe_experts=int(get("num_local_experts")), moe_topk=int(get("num_experts_per_tok")))
+    elif arch == "qwen2_moe":
+        moe = {i for i in range(n_layers) if i not in set(get("mlp_only_layers"))
+               and (i + 1) % int(get("decoder_sparse_step")) == 0}
+        every, first = moe_placement(moe, n_layers, where)
+        cfg.update(moe_experts=int(get("num_experts")), moe_topk=int(get("num_experts_per_tok")),
+                   expert_hidden=int(get("moe_intermediate_size")), router_norm=bool(get("norm_topk_prob")),
+                   moe_every=every, moe_first_dense=first, attn_bias=bool(get("qkv_bias")))
+    elif arch == "ernie4_5_moe":
+        if get("use_bias"):
+            raise TinyMoeError(f"{where}: ernie4_5_moe with use_bias is not supported")
+        if get("moe_gate_act") != "softmax":
+            raise TinyMoeError(f"{where}: moe_gate_act {get('moe_gate_act')!r} is not supported (softmax only)")
+        start, end = get("moe_layer_start_index"), get("moe_layer_end_index")
+        start = min(start) if isinstance(start, list) else int(start)
+        end = max(end) if isinstance(end, list) else int(end)
+        end = n_layers - 1 if end == -1 else end
+        interval = int(get("moe_layer_interval"))
+        moe = {i for i in range(n_layers) if (i + 1) % interval == 0 and start <= i <= end}
+        every, first = moe_placement(moe, n_layers, where)
+        cfg.update(moe_experts=int(get("moe_num_experts")), moe_topk=int(get("moe_k")),
+                   expert_hidden=int(hf.get("moe_intermediate_size") or 0), moe_every=every,
+                   moe_first_dense=first, shared_experts=int(get("moe_num_shared_experts")))
+    elif arch == "glm4_moe":
+        if get("use_qk_norm"):
+            raise TinyMoeError(f"{where}: glm4_moe with use_qk_norm is not supported (tinymoe has no q/k norms)")
+        if float(get("routed_scaling_factor")) != 1.0:
+            raise TinyMoeError(f"{where}: routed_scaling_factor {get('routed_scaling_factor')} is not supported (1.0 only)")
+        if hf.get("scoring_func", "sigmoid") != "sigmoid" or hf.get("topk_method", "noaux_tc") != "noaux_tc":
+            raise TinyMoeError(f"{where}: only sigmoid scoring with noaux_tc top-k is supported")
+        cfg.update(moe_experts=int(get("n_routed_experts")), moe_topk=int(get("num_experts_per_tok")),
+                   expert_hidden=int(get("moe_intermediate_size")), router="sigmoid-bias",
+                   router_norm=bool(get("norm_topk_prob")), moe_first_dense=int(get("first_k_dense_replace")),
+                   shared_experts=int(get("n_shared_experts")), attn_bias=bool(get("attention_bias")),
+                   router_groups=int(get("n_group")), router_group_topk=int(get("topk_group")))
+    hints = hf.get(TINYMOE_KEY)
+    if isinstance(hints, dict):
+        for key in ("aux_loss_weight", "z_loss_weight", "entropy_weight", "capacity_factor", "bias_rate"):
+            value = hints.get(key)
+            if key == "bias_rate" and cfg.get("router") != "sigmoid-bias":
+                continue  # only that router reads it
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                cfg[key] = float(value)
+    model_cfg = ModelConfig(**cfg)
+    if model_cfg.expert_hidden == model_cfg.d_ff:
+        model_cfg.expert_hidden = 0  # tinymoe's spelling of "same as d_ff"
+    return model_cfg, arch

@@ -1,0 +1,139 @@
+"""Memory-mapped expert weights: open `experts.safetensors` without reading it.
+
+Opening parses the safetensors header (`safetensors_io.read_index`, every entry checked), compares
+it with the manifest, and maps the file with `np.memmap`: no tensor byte is read, so opening a
+checkpoint of any size takes milliseconds and almost no resident memory. Each stacked tensor
+(E, out, in) becomes a numpy view of the mapping; expert e is the contiguous slice [e], whose
+pages the OS reads only when it is touched.
+
+Turning a view into an MLX array: on this platform (Linux, MLX CPU) `mx.array(view)` copies, so
+`expert()` copies exactly one expert and `tensor()` one whole stacked tensor. On Apple Silicon the
+tensors start on 16 KiB boundaries (the page size), which is what a zero-copy wrap of mapped pages
+would need; this module does not rely on it.
+
+Pages read to make a copy are released again (madvise MADV_DONTNEED), so the process's
+resident memory holds the copies, not the mapped file as well.
+
+Hashes: verifying the file's sha256 would read all of it, defeating the point of mapping, so
+`MappedExperts` checks sizes and headers only. `load_model_mapped(..., verify_hashes=True)` (the
+default for a full load) still hashes every file first, like `loader.load_model`.
+"""
+
+from __future__ import annotations
+
+import mmap
+from pathlib import Path
+
+import numpy as np
+
+from tinymoe import checkpoint
+from tinymoe.errors import CheckpointError
+
+EXPERTS_FILE = "experts.safetensors"
+# Raw-byte numpy dtype per MLX dtype name: bfloat16 travels as its 16-bit patterns.
+_NP_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+
+
+class MappedExperts:
+    """The stacked expert tensors of one checkpoint as views of a read-only memory map."""
+
+    def __init__(self, ckpt: Path, manifest: dict):
+        path = Path(ckpt) / EXPERTS_FILE
+        entry = manifest["files"].get(EXPERTS_FILE)
+        if entry is None:
+            raise CheckpointError(f"{path}: not listed in the manifest")
+        problem = checkpoint.file_problem(path, entry)
+        problems, index = ([problem], {}) if problem else checkpoint.header_problems(path, manifest, EXPERTS_FILE)
+        if problems:
+            raise CheckpointError(problems[0])
+        self.path = path
+        self.dtypes = {name: e["dtype"] for name, e in index.items()}
+        for name, dtype in self.dtypes.items():
+            if dtype not in _NP_DTYPES:
+                raise CheckpointError(f"{path}: tensor '{name}' has dtype {dtype}; experts must be floating point")
+        if path.stat().st_size == 0:  # np.memmap cannot map an empty file; a model without experts
+            self._map, self.views = None, {}
+            return
+        self._map = np.memmap(path, dtype=np.uint8, mode="r")
+        self.views = {}
+        for name, e in index.items():
+            begin, end = e["offsets"]
+            self.views[name] = self._map[begin:end].view(_NP_DTYPES[e["dtype"]]).reshape(e["shape"])
+
+    def names(self) -> list[str]:
+        return list(self.views)
+
+    def num_experts(self, name: str) -> int:
+        return self.views[name].shape[0]
+
+    def _to_mlx(self, view: np.ndarray, dtype: str):
+        import mlx.core as mx
+
+        arr = mx.array(np.ascontiguousarray(view))  # the copy: only these bytes are read
+        self._release(view)
+        return arr.view(mx.bfloat16) if dtype == "bfloat16" else arr
+
+    def _release(self, view: np.ndarray) -> None:
+        """Drop the mapped pages just copied from this process's resident set. They are clean
+        file pages the OS could reclaim anyway, but they would count as resident memory until
+        then; after MADV_DONTNEED a later read simply faults them in again from the file."""
+        raw = getattr(self._map, "_mmap", None)
+        if raw is None or not hasattr(raw, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        begin = view.__array_interface__["data"][0] - self._map.__array_interface__["data"][0]
+        start = begin - begin % mmap.PAGESIZE  # madvise needs a page-aligned start
+        raw.madvise(mmap.MADV_DONTNEED, start, begin + view.nbytes - start)
+
+    def expert(self, name: str, e: int):
+        """Expert `e` of stacked tensor `name` as an (out, in) mx.array."""
+        return self._to_mlx(self.views[name][e], self.dtypes[name])
+
+    def tensor(self, name: str):
+        """The whole stacked (E, out, in) tensor as an mx.array."""
+        return self._to_mlx(self.views[name], self.dtypes[name])
+
+
+def open_mapped(path: str | Path, dispatch: str = "auto", verify_hashes: bool = False):
+    """(model with non-expert weights loaded, MappedExperts, manifest, tokenizer, ckpt).
+
+    The model's expert parameters are left as MLX's lazy, never-evaluated initialisers (they
+    cost nothing until evaluated); the caller either replaces them (`load_model_mapped`) or
+    serves experts on demand (tinymoe.offload).
+    """
+    import mlx.core as mx
+    from mlx.utils import tree_unflatten
+
+    from tinymoe.loader import model_config_of, model_for_index
+    from tinymoe.tokenizer import load_tokenizer
+
+    ckpt = checkpoint.resolve(path)
+    manifest = checkpoint.read_manifest(ckpt)
+    cfg = model_config_of(manifest, ckpt)
+    model, problems = model_for_index(cfg, manifest, ckpt, dispatch)
+    if problems:
+        raise CheckpointError(problems[0])
+    # Checks every listed file (hashes only when asked), then reads the small non-expert file.
+    weights = checkpoint.load_tensors(ckpt, manifest, ("model.safetensors",), verify_hashes)
+    mapped = MappedExperts(ckpt, manifest)
+    tokenizer = load_tokenizer(manifest["tokenizer"], ckpt)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise CheckpointError(f"{ckpt}: tokenizer has {tokenizer.vocab_size} tokens, "
+                              f"the model config says vocab_size {cfg.vocab_size}")
+    model.update(tree_unflatten(list(weights.items())))
+    mx.eval([v for v in weights.values()])
+    return model, mapped, manifest, tokenizer, ckpt
+
+
+def load_model_mapped(path: str | Path, dispatch: str = "auto", verify_hashes: bool = True):
+    """Like `loader.load_model`, with the expert tensors copied out of the memory map.
+
+    Returns (model, manifest, tokenizer, ckpt); the weights are bit-identical to a plain load
+    (tests/test_memory.py)."""
+    import mlx.core as mx
+    from mlx.utils import tree_unflatten
+
+    model, mapped, manifest, tokenizer, ckpt = open_mapped(path, dispatch, verify_hashes)
+    experts = {name: mapped.tensor(name) for name in mapped.names()}
+    model.update(tree_unflatten(list(experts.items())))
+    mx.eval(model.parameters())
+    return model, manifest, tokenizer, ckpt

@@ -1,0 +1,198 @@
+"""Lean optimizer state for MoE training: `sparse-adamw`, AdamW with lazy per-expert state.
+
+AdamW keeps two moments for every weight, so an MoE with E experts per layer pays for E experts'
+moments whether or not tokens reach them. `SparseAdamW` treats each expert slice [e] of a stacked
+expert tensor (names containing `.moe.experts.`) as its own parameter:
+
+- an expert is *active* in a step when its gradient slice is not all zero, which happens exactly
+  when at least one token of the step was routed to it (the gradient of an expert no token chose
+  is an exact zero in every dispatch backend);
+- the first time an expert is active its moments are created (zeros), and it is updated by
+  exactly AdamW's formulas (mlx.optimizers.AdamW, same operation order): decoupled weight decay
+  w * (1 - lr * wd), m = b1 m + (1 - b1) g, v = b2 v + (1 - b2) g^2, w - lr m / (sqrt(v) + eps);
+  with bias correction (off by default, as in mlx's AdamW and the trainer) the correction uses
+  the number of steps *that expert* was updated;
+- an idle expert is left completely alone: no weight decay, no moment decay. AdamW instead
+  decays the idle expert's weights by (1 - lr wd) each step and keeps moving it with its old
+  momentum (m shrinks by b1 per step but is not zero). So the two optimizers agree exactly when
+  every expert is active every step (tests/test_optimizers.py, bitwise) and differ otherwise.
+
+Non-expert weights get ordinary AdamW. `state_dtype="bfloat16"` stores the moments in bfloat16
+(half the bytes) and computes the update in float32; that is no longer bit-identical to AdamW.
+
+The active set is read on the host each step, so the update is not `mx.compile`d
+(`compilable = False`; the trainer runs it eagerly). State is a flat name -> array dict, saved in
+optimizer.safetensors as `<param>.m`/`.v` and, per expert, `<param>.expert<E>.m`/`.v`/`.t`.
+"""
+
+from __future__ import annotations
+
+import re
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+from tinymoe.errors import TinyMoeError
+
+OPTIMIZERS = ("adamw", "sparse-adamw")
+STATE_DTYPES = ("float32", "bfloat16")
+_EXPERT_KEY = re.compile(r"(.+)\.expert(\d+)\.(m|v|t)")
+
+
+def is_expert_param(name: str) -> bool:
+    return ".moe.experts." in name
+
+
+class SparseAdamW:
+    """AdamW whose expert state is created lazily and only for experts that receive gradient."""
+
+    compilable = False  # the active experts are found on the host
+
+    def __init__(self, learning_rate, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01,
+                 bias_correction: bool = False, state_dtype: str = "float32"):
+        if state_dtype not in STATE_DTYPES:
+            raise TinyMoeError(f"unknown optimizer state dtype '{state_dtype}' (choose from {', '.join(STATE_DTYPES)})")
+        self.schedule = learning_rate if callable(learning_rate) else None
+        self.b1, self.b2 = betas
+        self.eps, self.weight_decay, self.bias_correction = eps, weight_decay, bias_correction
+        self.state_dtype = getattr(mx, state_dtype)
+        self.step = 0
+        # As in mlx's optimizers: holds the rate of the last update (schedule(0) before any).
+        self._lr = mx.array(self.schedule(0) if self.schedule else learning_rate, dtype=mx.float32)
+        self.dense: dict[str, dict] = {}  # name -> {"m", "v"}
+        self.experts: dict[str, dict[int, dict]] = {}  # name -> expert -> {"m", "v", "t"}
+
+    @property
+    def learning_rate(self) -> mx.array:
+        return self._lr
+
+    def init(self, parameters) -> None:
+        """Moments for the non-expert weights; none for experts (they appear when used)."""
+        for name, p in tree_flatten(parameters):
+            if is_expert_param(name):
+                self.experts.setdefault(name, {})
+            elif name not in self.dense:
+                self.dense[name] = {"m": mx.zeros(p.shape, self.state_dtype), "v": mx.zeros(p.shape, self.state_dtype)}
+
+    # -- the update ---------------------------------------------------------------------
+    def _adamw(self, g, p, m, v, t: int):
+        """AdamW on one slice, the same operations in the same order as mlx.optimizers.AdamW."""
+        lr = self._lr.astype(g.dtype)
+        p = p * (1 - lr * self.weight_decay)
+        m = self.b1 * m + (1 - self.b1) * g
+        v = self.b2 * v + (1 - self.b2) * mx.square(g)
+        if self.bias_correction:
+            t = mx.array(t, dtype=mx.uint64)  # mlx computes the corrections from a uint64 step array
+            c1 = (lr / (1 - self.b1**t)).astype(g.dtype)
+            c2 = mx.rsqrt(1 - self.b2**t).astype(g.dtype)
+            new = p - (c1 * m) / (mx.sqrt(v) * c2 + self.eps)
+        else:
+            new = p - lr * m / (mx.sqrt(v) + self.eps)
+        return new, m.astype(self.state_dtype), v.astype(self.state_dtype)
+
+    def apply_gradients(self, gradients, parameters) -> dict:
+        """New flat name -> weight for every weight with a gradient."""
+        if self.schedule is not None:
+            self._lr = mx.array(self.schedule(self.step), dtype=mx.float32)
+        self.step += 1
+        params = dict(tree_flatten(parameters))
+        grads = dict(tree_flatten(gradients))
+        expert_names = [n for n in grads if is_expert_param(n)]
+        # One host sync for all expert tensors: which slices have any non-zero gradient.
+        masks = [mx.any(grads[n] != 0, axis=tuple(range(1, grads[n].ndim))) for n in expert_names]
+        mx.eval(masks)
+        out = {}
+        for name, g in grads.items():
+            if name in expert_names:
+                continue
+            st = self.dense.get(name)
+            if st is None:
+                st = self.dense[name] = {"m": mx.zeros(g.shape, self.state_dtype),
+                                         "v": mx.zeros(g.shape, self.state_dtype)}
+            out[name], st["m"], st["v"] = self._adamw(g, params[name], st["m"], st["v"], self.step)
+        for name, mask in zip(expert_names, masks):
+            out[name] = self._update_experts(name, grads[name], params[name], np.array(mask))
+        return out
+
+    def _update_experts(self, name: str, g, p, active: np.ndarray):
+        states = self.experts.setdefault(name, {})
+        ids = [int(e) for e in np.flatnonzero(active)]
+        if not ids:
+            return p
+        zeros = mx.zeros(g.shape[1:], self.state_dtype)
+        for e in ids:
+            if e not in states:
+                states[e] = {"m": zeros, "v": zeros, "t": 0}
+            states[e]["t"] += 1
+        # The active experts are updated together; with bias correction each needs its own t.
+        if self.bias_correction:
+            rows = {}
+            for e in ids:
+                s = states[e]
+                rows[e], s["m"], s["v"] = self._adamw(g[e], p[e], s["m"], s["v"], s["t"])
+        else:
+            idx = mx.array(ids)
+            m = mx.stack([states[e]["m"] for e in ids])
+            v = mx.stack([states[e]["v"] for e in ids])
+            new, m, v = self._adamw(g[idx], p[idx], m, v, 0)
+            rows = {}
+            for i, e in enumerate(ids):
+                rows[e], states[e]["m"], states[e]["v"] = new[i], m[i], v[i]
+        return mx.stack([rows.get(e, p[e]) for e in range(p.shape[0])])
+
+    def update(self, model, gradients) -> None:
+        from mlx.utils import tree_unflatten
+
+        model.update(tree_unflatten(list(self.apply_gradients(gradients, model.parameters()).items())))
+
+    # -- state for checkpoints ------------------------------------------------------------
+    @property
+    def state(self) -> dict:
+        flat = {"step": mx.array(self.step, dtype=mx.uint64), "learning_rate": self._lr}
+        for name, st in self.dense.items():
+            flat[f"{name}.m"], flat[f"{name}.v"] = st["m"], st["v"]
+        for name, per in self.experts.items():
+            for e, st in per.items():
+                flat[f"{name}.expert{e}.m"], flat[f"{name}.expert{e}.v"] = st["m"], st["v"]
+                flat[f"{name}.expert{e}.t"] = mx.array(st["t"], dtype=mx.uint32)
+        return flat
+
+    @state.setter
+    def state(self, tree) -> None:
+        """Restore from `state` (flat) or its tree_unflatten'ed form (what the trainer passes)."""
+        flat = dict(tree_flatten(tree))
+        try:
+            self.step = int(flat.pop("step").item())
+            self._lr = flat.pop("learning_rate").astype(mx.float32)
+        except KeyError as exc:
+            raise TinyMoeError(f"optimizer state lacks '{exc.args[0]}'; was it saved by sparse-adamw?") from None
+        self.dense, self.experts = {}, {}
+        for key, arr in flat.items():
+            match = _EXPERT_KEY.fullmatch(key)
+            if match:
+                name, e, part = match.group(1), int(match.group(2)), match.group(3)
+                slot = self.experts.setdefault(name, {}).setdefault(e, {})
+                slot[part] = int(arr.item()) if part == "t" else arr
+                continue
+            name, _, part = key.rpartition(".")
+            if part not in ("m", "v"):
+                raise TinyMoeError(f"optimizer state has an unexpected entry '{key}'")
+            self.dense.setdefault(name, {})[part] = arr
+
+    def state_bytes(self) -> int:
+        return sum(a.nbytes for a in self.state.values())
+
+
+def make_optimizer(kind: str, learning_rate, betas, weight_decay: float, state_dtype: str = "float32"):
+    """The trainer's optimizer: mlx's AdamW (the default, compiled) or SparseAdamW."""
+    if kind == "adamw":
+        if state_dtype != "float32":
+            raise TinyMoeError("--optimizer-state-dtype bfloat16 needs --optimizer sparse-adamw "
+                               "(adamw keeps float32 moments)")
+        import mlx.optimizers as optim
+
+        return optim.AdamW(learning_rate=learning_rate, betas=list(betas), weight_decay=weight_decay)
+    if kind == "sparse-adamw":
+        return SparseAdamW(learning_rate, betas=tuple(betas), weight_decay=weight_decay, state_dtype=state_dtype)
+    raise TinyMoeError(f"unknown optimizer '{kind}' (choose from {', '.join(OPTIMIZERS)})")

@@ -1,0 +1,197 @@
+"""Memory planning from a ModelConfig alone: parameter counts and the bytes a run will need.
+
+Nothing here allocates a model or imports MLX: every count is arithmetic on the config, which is
+what makes planning a 7B-parameter model possible on a small machine. `tests/test_planner.py`
+checks the counts against `count_params(Model(cfg))` for every preset small enough to build and
+against scaled-down copies of the large ones.
+
+Memory model (bytes; every figure is an estimate except the parameter counts):
+  weights        total params x bytes of the parameter dtype
+  gradients      the same again: `value_and_grad` returns a dense gradient for every weight,
+                 including the zero slices of experts no token was routed to
+  optimizer      adamw: two moments for every weight. sparse-adamw: two moments for the
+                 non-expert weights plus, for the experts, only the share that has received
+                 gradient (`expert_state_fraction`; 1.0 is the honest training default, since
+                 load balancing routes some token to every expert within a few steps)
+  update         MLX's update is functional: clipped gradients, new weights and new moments are
+                 created before the old ones are freed, so the peak holds all three twice
+  activations    what backprop keeps per token and layer (see `_activation_bytes`), attention
+                 scores (MLX's attention backward materialises the L x L probabilities) and the
+                 logits; assumes a sparse dispatch backend (grouped/gather: K experts per token)
+Sampling needs the weights (only `resident_experts` experts per MoE layer when offloading) and
+the KV cache, no gradients or optimizer state; offloading adds the prefill's working set
+(tinymoe.offload: a prompt may touch more experts than the cache keeps).
+
+The verdict compares the total with a usable budget: by default 75% of the machine's memory,
+which is Metal's default GPU working-set limit (`recommendedMaxWorkingSetSize`) on Apple
+Silicon Macs with more than 36 GB; the remaining quarter is left to macOS and other programs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tinymoe.config import ModelConfig
+from tinymoe.errors import TinyMoeError
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DEFAULT_MEMORY_GIB = 48.0
+DEFAULT_USABLE_FRACTION = 0.75  # Metal's default GPU working-set limit on large-memory Macs
+OPTIMIZERS = ("adamw", "sparse-adamw")
+GIB = 2**30
+
+
+@dataclass
+class ParamCounts:
+    total: int
+    active: int  # per token: embeddings, attention, dense FFNs, routers and K of E experts
+    expert: int  # all expert weights (the part that lives in experts.safetensors)
+    per_expert: int  # one expert of one MoE layer
+    moe_layers: int
+
+
+def _attention_params(cfg: ModelConfig) -> int:
+    dh = cfg.head_dim
+    q, kv = cfg.n_heads * dh, cfg.n_kv_heads * dh
+    n = cfg.d_model * (q + 2 * kv) + q * cfg.d_model
+    if cfg.attn_bias:
+        n += q + 2 * kv
+    return n
+
+
+def _shared_expert_params(cfg: ModelConfig) -> int:
+    """Always-active experts of one MoE layer: one dense SwiGLU of width shared_experts x H."""
+    return getattr(cfg, "shared_experts", 0) * 3 * cfg.d_model * cfg.expert_d_ff
+
+
+def _router_params(cfg: ModelConfig) -> int:
+    """The router's weight (E, D) plus what some routers add (tinymoe.routers)."""
+    extra = {"noisy": cfg.moe_experts * cfg.d_model,  # learned noise scale per expert
+             "smart": 1,  # learned temperature
+             "sigmoid-bias": cfg.moe_experts}  # balancing bias (frozen, but stored)
+    return cfg.moe_experts * cfg.d_model + extra.get(getattr(cfg, "router", "topk"), 0)
+
+
+def routed_k(cfg: ModelConfig) -> int:
+    """Experts a token can use: switch always 1, dynamic up to k_max, otherwise moe_topk."""
+    router = getattr(cfg, "router", "topk")
+    if router == "switch":
+        return 1
+    if router == "dynamic":
+        return getattr(cfg, "k_max", 0) or cfg.moe_topk
+    return cfg.moe_topk
+
+
+def param_counts(cfg: ModelConfig) -> ParamCounts:
+    d = cfg.d_model
+    per_expert = 3 * d * cfg.expert_d_ff
+    total = cfg.vocab_size * d + d  # embedding + final norm
+    if not cfg.tie_embeddings:
+        total += cfg.vocab_size * d
+    expert = idle = moe_layers = 0
+    for layer in range(cfg.n_layers):
+        total += 2 * d + _attention_params(cfg)  # two RMSNorms + attention
+        if cfg.layer_is_moe(layer):
+            moe_layers += 1
+            total += _router_params(cfg) + cfg.moe_experts * per_expert + _shared_expert_params(cfg)
+            expert += cfg.moe_experts * per_expert
+            idle += (cfg.moe_experts - routed_k(cfg)) * per_expert
+        else:
+            total += 3 * d * cfg.d_ff
+    return ParamCounts(total, total - idle, expert, per_expert, moe_layers)
+
+
+def _activation_bytes(cfg: ModelConfig, batch: int, context: int, act_bytes: int) -> int:
+    """Tensors backprop keeps alive for one micro-batch (a sum of the main saved tensors)."""
+    d, h, kv = cfg.d_model, cfg.expert_d_ff, cfg.n_kv_heads * cfg.head_dim
+    tokens = batch * context
+    attn = 6 * d + 3 * kv  # norm in/out, q, k, v, rotated q/k, attention output, projection
+    per_token = 0
+    for layer in range(cfg.n_layers):
+        per_token += attn
+        if cfg.layer_is_moe(layer):
+            # norm in/out, router logits + probs, then per routed slot: gathered input, gate, up,
+            # silu, product, output; and the combined output
+            per_token += 3 * d + 3 * cfg.moe_experts + cfg.moe_topk * (2 * d + 4 * h)
+        else:
+            per_token += 3 * d + 4 * cfg.d_ff
+    per_token += 3 * cfg.vocab_size  # logits, log-softmax and their gradient
+    scores = cfg.n_layers * batch * cfg.n_heads * context * context * 2  # scores + probabilities
+    return (tokens * per_token + scores) * act_bytes
+
+
+def plan(cfg: ModelConfig, *, mode: str = "train", batch: int = 1, context: int | None = None,
+         param_dtype: str = "float32", optimizer: str = "adamw", state_dtype: str = "float32",
+         expert_state_fraction: float = 1.0, resident_experts: int = 0, prompt_tokens: int | None = None,
+         memory_gib: float = DEFAULT_MEMORY_GIB, usable_fraction: float = DEFAULT_USABLE_FRACTION) -> dict:
+    """Parameters, memory per component (bytes), total, and whether it fits the budget."""
+    if mode not in ("train", "sample"):
+        raise TinyMoeError(f"unknown plan mode '{mode}' (choose from train, sample)")
+    for name, value in (("param dtype", param_dtype), ("optimizer state dtype", state_dtype)):
+        if value not in DTYPE_BYTES:
+            raise TinyMoeError(f"unknown {name} '{value}' (choose from {', '.join(DTYPE_BYTES)})")
+    if optimizer not in OPTIMIZERS:
+        raise TinyMoeError(f"unknown optimizer '{optimizer}' (choose from {', '.join(OPTIMIZERS)})")
+    if not 0 <= expert_state_fraction <= 1:
+        raise TinyMoeError(f"expert state fraction must be in [0, 1], got {expert_state_fraction}")
+    if batch <= 0 or memory_gib <= 0 or not 0 < usable_fraction <= 1:
+        raise TinyMoeError("batch and memory must be positive and the usable fraction in (0, 1]")
+    if resident_experts < 0:
+        raise TinyMoeError(f"resident experts must be >= 0, got {resident_experts}")
+    context = context or cfg.context
+    counts = param_counts(cfg)
+    p_bytes, s_bytes = DTYPE_BYTES[param_dtype], DTYPE_BYTES[state_dtype]
+    parts: dict[str, int] = {}
+    if mode == "sample":
+        resident = counts.total
+        if resident_experts and cfg.is_moe:
+            kept = min(resident_experts, cfg.moe_experts)
+            resident -= counts.moe_layers * (cfg.moe_experts - kept) * counts.per_expert
+        parts["weights"] = resident * p_bytes
+        kv = cfg.n_kv_heads * cfg.head_dim
+        parts["kv_cache"] = 2 * cfg.n_layers * batch * context * kv * p_bytes
+        if resident_experts and cfg.is_moe:
+            # The prefill of one layer holds every expert the prompt touches twice (cache entries
+            # and the stacked copy) before evicting down to N; distinct experts assume balanced
+            # routing: E (1 - (1 - K/E)^tokens).
+            tokens = batch * (prompt_tokens or context)
+            k = min(routed_k(cfg), cfg.moe_experts)
+            distinct = cfg.moe_experts * (1 - (1 - k / cfg.moe_experts) ** tokens)
+            parts["offload_prefill"] = int(max(0.0, 2 * distinct - kept) * counts.per_expert * p_bytes)
+    else:
+        parts["weights"] = counts.total * p_bytes
+        parts["gradients"] = counts.total * p_bytes
+        non_expert = counts.total - counts.expert
+        with_state = non_expert + (counts.expert if optimizer == "adamw" else counts.expert * expert_state_fraction)
+        parts["optimizer"] = int(2 * with_state * s_bytes)
+        parts["activations"] = _activation_bytes(cfg, batch, context, p_bytes)
+        # MLX updates functionally: the clipped gradients, new weights and new moments exist
+        # before the old ones are released, so the step's peak holds a second copy of each.
+        parts["update_transient"] = parts["weights"] + parts["gradients"] + parts["optimizer"]
+    total = sum(parts.values())
+    budget = int(memory_gib * GIB * usable_fraction)
+    return {"mode": mode, "params": {"total": counts.total, "active": counts.active, "expert": counts.expert},
+            "bytes": parts, "total_bytes": total, "budget_bytes": budget, "fits": total <= budget,
+            "assumptions": {"batch": batch, "context": context, "param_dtype": param_dtype,
+                            "optimizer": optimizer, "optimizer_state_dtype": state_dtype,
+                            "expert_state_fraction": expert_state_fraction,
+                            "resident_experts": resident_experts, "memory_gib": memory_gib,
+                            "usable_fraction": usable_fraction}}
+
+
+def format_plan(result: dict, title: str) -> str:
+    """The plan as an aligned text table."""
+    gib = lambda n: f"{n / GIB:9.2f} GiB"  # noqa: E731
+    p, a = result["params"], result["assumptions"]
+    lines = [f"{title} ({result['mode']}: batch {a['batch']}, context {a['context']}, weights {a['param_dtype']}"
+             + (f", {a['optimizer']} state {a['optimizer_state_dtype']}" if result["mode"] == "train" else "")
+             + (f", {a['resident_experts']} resident experts/layer" if a["resident_experts"] else "") + ")",
+             f"  parameters        {p['total']:>15,} total   {p['active']:>15,} active per token"]
+    for name, n in result["bytes"].items():
+        lines.append(f"  {name:<17} {gib(n)}")
+    lines.append(f"  {'total':<17} {gib(result['total_bytes'])}")
+    verdict = "fits" if result["fits"] else "does NOT fit"
+    lines.append(f"  {verdict} in {gib(result['budget_bytes']).strip()} usable "
+                 f"({a['usable_fraction']:.0%} of {a['memory_gib']:g} GiB: the default Metal GPU working-set "
+                 f"limit; the rest is left to the OS)")
+    return "\n".join(lines)
