@@ -92,7 +92,9 @@ def test_sigkill_during_saves_never_loses_the_latest_checkpoint(tmp_path):
     leftovers = [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
     assert leftovers == []
     print(f"\nfault injection: {KILL_POINTS} kill points {dict(phases)}, save ~{save_s * 1000:.0f} ms, 0 losses")
-    assert phases["writing files"] >= KILL_POINTS // 4 and len(phases) >= 3, phases
+    # Kills must really interrupt writes; how the rest spread over the other phases depends on
+    # machine load (reported above, not asserted, so a busy CI machine cannot make it flaky).
+    assert phases["writing files"] >= KILL_POINTS // 4, phases
 
 
 def phase_of(run, pid, lines, existed) -> str:
