@@ -5,6 +5,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_OUT ?= runs/demo
 DEMO_STEPS ?= 300
+# Batch 8 (2048 tokens a step): 300 steps are about one pass over the bundled corpus and take a
+# few minutes on a laptop CPU.
+DEMO_FLAGS ?= --batch-size 8 --eval-every 100
 
 .PHONY: demo test install install-test blas clean
 
@@ -32,7 +35,7 @@ install-test: blas $(BIN)/python
 
 demo: install
 	$(BIN)/tinymoe doctor
-	$(BIN)/tinymoe train --preset tiny --moe-experts 8 --moe-topk 2 --steps $(DEMO_STEPS) --out $(DEMO_OUT) --overwrite
+	$(BIN)/tinymoe train --preset tiny --moe-experts 8 --moe-topk 2 --steps $(DEMO_STEPS) $(DEMO_FLAGS) --out $(DEMO_OUT) --overwrite
 	$(BIN)/tinymoe sample $(DEMO_OUT) --prompt "In the beginning" --max-tokens 200 --temperature 0.8 --seed 0
 	$(BIN)/tinymoe eval $(DEMO_OUT)
 	$(BIN)/tinymoe inspect $(DEMO_OUT)
