@@ -158,7 +158,7 @@ def parse_args(argv=None):
     p.add_argument("--d-expert", type=int, default=512, help="expert hidden width H")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per function")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per function (median)")
-    p.add_argument("--max-seconds", type=float, default=5.0,
+    p.add_argument("--max-seconds", type=float, default=10.0,
                    help="skip a backend at a point when one call is estimated to take longer")
     p.add_argument("--quick", action="store_true",
                    help="E 8,64, k 1,2, T 512, 3 repeats (unless given explicitly)")

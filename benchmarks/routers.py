@@ -33,6 +33,7 @@ VARIANTS = {
     "noisy": {"router": "noisy"},
     "jitter": {"router": "jitter"},
     "sigmoid-bias": {"router": "sigmoid-bias", "aux_loss_weight": 0.0},
+    "sigmoid-bias rate 0.01": {"router": "sigmoid-bias", "aux_loss_weight": 0.0, "bias_rate": 0.01},
     "expert-choice": {"router": "expert-choice"},
     "smart": {"router": "smart"},
     "dynamic": {"router": "dynamic", "k_min": 1, "k_max": 4, "dynamic_threshold": 0.5},

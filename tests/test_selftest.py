@@ -40,10 +40,12 @@ def test_a_wrong_gradient_is_caught_and_a_crash_is_a_failed_row(monkeypatch):
     monkeypatch.setitem(dispatch._FUNCS, "gather", lambda *a: 1 / 0)
     report = selftest.run_selftest()
     failed = {(c.op, c.worst.split(":")[0]) for c in report.checks if not c.passed}
-    expected = {("gather vs dense", "error")}
+    assert ("gather vs dense", "error") in failed
     if not kd.metal_available() and not kd.cuda_available():  # the patched reference ran
-        expected |= {("combine vjp", "dgates"), ("metal vs dense", "dgates")}
-    assert failed == expected
+        assert ("combine vjp", "dgates") in failed
+    # Backends built on `combine` inherit the wrong gate gradient and nothing else.
+    assert all(worst == "dgates" for op, worst in failed if op != "gather vs dense")
+    assert all(c.passed for c in report.checks if c.op.startswith("gather_rows"))
 
 
 def test_cli_table_json_and_exit_codes(monkeypatch):

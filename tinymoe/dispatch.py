@@ -9,8 +9,9 @@ The sparse backends share one `DispatchPlan`: pairs sorted by expert, so each ex
 a contiguous segment of the sorted rows.
   gather   one `mx.gather_mm` per projection over the sorted rows (mlx-lm's way; fast on Metal,
            one GEMV per row on CPU).
-  grouped  one ordinary matmul per non-empty expert segment (fast on CPU with a real BLAS). The
-           segment lengths are read on the host, so a step using it cannot be `mx.compile`d.
+  grouped  one ordinary matmul per non-empty expert segment (fast on CPU with a real BLAS), with
+           a hand-written backward whose weight gradients are `mx.segmented_mm`s. The segment
+           lengths are read on the host, so a step using it cannot be `mx.compile`d.
   metal    the fused gather/combine kernels of tinymoe.kernels + sorted gather_mm; on a machine
            without Metal the kernels fall back to their pure-MLX references.
 """
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 BACKENDS = ("dense", "gather", "grouped", "metal")
 # Backends whose graphs have no host synchronisation, so `mx.compile` can trace them.
@@ -91,25 +93,68 @@ def _gather_mm_experts(xs_N1D, plan, w_gate, w_up, w_down):
 
 
 def grouped(x_TD, indices_TK, gates_TK, w_gate, w_up, w_down):
-    E = w_gate.shape[0]
-    plan = make_plan(indices_TK, E)
+    from tinymoe.kernels import dispatch as kernels
+
+    K = indices_TK.shape[1]
+    plan = make_plan(indices_TK, w_gate.shape[0])
     counts = plan.counts.tolist()  # host sync: segment boundaries are data
-    xs = x_TD[plan.token_of_row]  # (N, D)
-    bounds, acc = [], 0
-    for c in counts[:-1]:
-        acc += c
-        bounds.append(acc)
-    x_segments = mx.split(xs, bounds, axis=0) if bounds else [xs]
-    # split (not indexing) so each weight's gradient is one concatenate, not E scatters.
-    wg, wu, wd = (mx.split(w, E, axis=0) if E > 1 else [w] for w in (w_gate, w_up, w_down))
-    outs = []
-    for e, xe in enumerate(x_segments):
-        if counts[e] == 0:
-            continue
-        h = _swiglu(xe @ wg[e][0].T, xe @ wu[e][0].T)
-        outs.append(h @ wd[e][0].T)
-    ys = mx.concatenate(outs, axis=0)  # (N, D) in sorted order
-    return _combine_sorted(ys, plan, gates_TK)
+    # gather_rows/combine have gather-form vjps: on CPU a scatter-add backward costs ~2x more.
+    xs = kernels.gather_rows(x_TD, plan.order, K, plan.pos)  # (N, D) expert-sorted
+    ys, _, _ = _segment_swiglu(counts)(xs, w_gate, w_up, w_down)  # (N, D)
+    return kernels.combine(ys, plan.pos, gates_TK, plan.order)
+
+
+def _segment_swiglu(counts: list[int]):
+    """SwiGLU of each expert on its segment of the sorted rows, as one custom-vjp function.
+
+    Returns f(xs (N, D), w_gate, w_up, w_down) -> (ys (N, D), gate (N, H), up (N, H)); the
+    pre-activations are outputs only so the backward pass gets them without recomputing.
+    Why a hand-written vjp: autodiff of per-expert slices `w[e]` gives every slice a
+    gradient as large as the whole stacked weight (E times the memory and time of the weight,
+    out of memory at E=256), and stacking E per-expert gradients is a copy. Here each weight
+    gradient is one `mx.segmented_mm` over the segments, written straight into (E, ., .).
+    """
+    used = [e for e, c in enumerate(counts) if c]  # experts with rows; the rest get 0 grads
+    bounds = np.concatenate([[0], np.cumsum(counts)]).astype(np.uint32)
+    segments = mx.array(np.stack([bounds[:-1], bounds[1:]], axis=1))  # (E, 2) row ranges
+    inner = [int(b) for b in bounds[1:-1]]
+
+    def per_expert(a):  # rows of the experts in `used`, each a contiguous view of `a`
+        parts = mx.split(a, inner, axis=0) if inner else [a]
+        return [parts[e] for e in used]
+
+    def cat(parts):
+        return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0)
+
+    @mx.custom_function
+    def swiglu_experts(xs, w_gate, w_up, w_down):
+        x_parts = per_expert(xs)
+        gate = cat([xe @ w_gate[e].T for e, xe in zip(used, x_parts)])  # (N, H)
+        up = cat([xe @ w_up[e].T for e, xe in zip(used, x_parts)])  # (N, H)
+        h = _swiglu(gate, up)
+        ys = cat([he @ w_down[e].T for e, he in zip(used, per_expert(h))])  # (N, D)
+        return ys, gate, up
+
+    @swiglu_experts.vjp
+    def swiglu_experts_vjp(primals, cotangents, outputs):
+        xs, w_gate, w_up, w_down = primals
+        dys = cotangents[0]  # (N, D); gate and up are not used by callers
+        _, gate, up = outputs
+        sig = mx.sigmoid(gate)
+        silu = gate * sig
+        dh = cat([de @ w_down[e] for e, de in zip(used, per_expert(dys))])  # (N, H)
+        d_up = dh * silu
+        d_gate = dh * up * (sig * (1 + gate * (1 - sig)))  # silu'(g) = s(g)(1 + g(1 - s(g)))
+        dg_parts, du_parts = per_expert(d_gate), per_expert(d_up)
+        dxs = cat([dg_parts[i] @ w_gate[e] + du_parts[i] @ w_up[e] for i, e in enumerate(used)])
+        dw_down = mx.segmented_mm(dys.T, silu * up, segments)  # (E, D, H)
+        dw_gate = mx.segmented_mm(d_gate.T, xs, segments)  # (E, H, D)
+        dw_up = mx.segmented_mm(d_up.T, xs, segments)  # (E, H, D)
+        # Mixed dtypes promote in the matmuls; each gradient must match its primal's dtype.
+        grads = (dxs, dw_gate, dw_up, dw_down)
+        return tuple(g.astype(p.dtype) for g, p in zip(grads, primals))
+
+    return swiglu_experts
 
 
 def metal(x_TD, indices_TK, gates_TK, w_gate, w_up, w_down):
