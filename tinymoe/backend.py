@@ -62,6 +62,8 @@ def blas_in_use() -> str:
     """Name of the BLAS the process actually has mapped (read from /proc/self/maps on Linux)."""
     if sys.platform == "darwin":
         return "Accelerate"
+    import mlx.core  # noqa: F401  (MLX's BLAS is mapped only once MLX is loaded)
+
     try:
         with open("/proc/self/maps") as f:
             maps = f.read()
