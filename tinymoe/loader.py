@@ -22,12 +22,7 @@ def load_model(path: str | Path, dispatch: str = "auto", verify_hashes: bool = T
 
     from tinymoe.tokenizer import load_tokenizer
 
-    ckpt = checkpoint.resolve(path)
-    manifest = checkpoint.read_manifest(ckpt)
-    cfg = model_config_of(manifest, ckpt)
-    model, problems = model_for_index(cfg, manifest, ckpt, dispatch)
-    if problems:
-        raise CheckpointError(problems[0])
+    ckpt, manifest, cfg, model = open_checkpoint(path, dispatch)
     weights = checkpoint.load_tensors(ckpt, manifest, ("model.safetensors", "experts.safetensors"), verify_hashes)
     tokenizer = load_tokenizer(manifest["tokenizer"], ckpt)
     if tokenizer.vocab_size > cfg.vocab_size:  # fewer is fine: unused (padding) embedding rows
@@ -36,6 +31,18 @@ def load_model(path: str | Path, dispatch: str = "auto", verify_hashes: bool = T
     model.update(tree_unflatten(list(weights.items())))
     mx.eval(model.parameters())
     return model, manifest, tokenizer, ckpt
+
+
+def open_checkpoint(path: str | Path, dispatch: str = "auto"):
+    """(checkpoint dir, manifest, model config, model with unloaded weights), all checked
+    against each other; the shared first half of every way of loading a checkpoint."""
+    ckpt = checkpoint.resolve(path)
+    manifest = checkpoint.read_manifest(ckpt)
+    cfg = model_config_of(manifest, ckpt)
+    model, problems = model_for_index(cfg, manifest, ckpt, dispatch)
+    if problems:
+        raise CheckpointError(problems[0])
+    return ckpt, manifest, cfg, model
 
 
 def model_for_index(cfg: ModelConfig, manifest: dict, ckpt: Path, dispatch: str = "dense"):

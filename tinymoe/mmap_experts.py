@@ -103,15 +103,10 @@ def open_mapped(path: str | Path, dispatch: str = "auto", verify_hashes: bool = 
     import mlx.core as mx
     from mlx.utils import tree_unflatten
 
-    from tinymoe.loader import model_config_of, model_for_index
+    from tinymoe.loader import open_checkpoint
     from tinymoe.tokenizer import load_tokenizer
 
-    ckpt = checkpoint.resolve(path)
-    manifest = checkpoint.read_manifest(ckpt)
-    cfg = model_config_of(manifest, ckpt)
-    model, problems = model_for_index(cfg, manifest, ckpt, dispatch)
-    if problems:
-        raise CheckpointError(problems[0])
+    ckpt, manifest, cfg, model = open_checkpoint(path, dispatch)
     # Checks every listed file (hashes only when asked), then reads the small non-expert file.
     weights = checkpoint.load_tensors(ckpt, manifest, ("model.safetensors",), verify_hashes)
     mapped = MappedExperts(ckpt, manifest)

@@ -18,7 +18,7 @@ import mlx.nn as nn
 
 from tinymoe.config import ModelConfig
 from tinymoe.dispatch import resolve_backend
-from tinymoe.moe import LAYER_LOSSES, LAYER_STATS, MoELayer
+from tinymoe.moe import LAYER_LOSSES, LAYER_STATS, MoELayer, SwiGLU
 
 
 class KVCache:
@@ -76,18 +76,6 @@ def causal_mask(L: int, offset: int):
     q_pos = mx.arange(offset, offset + L)[:, None]
     k_pos = mx.arange(offset + L)[None, :]
     return k_pos <= q_pos  # (L, offset + L) boolean
-
-
-class SwiGLU(nn.Module):
-    def __init__(self, d_model: int, d_hidden: int, out_scale: float = 1.0):
-        super().__init__()
-        self.w_gate = nn.Linear(d_model, d_hidden, bias=False)
-        self.w_up = nn.Linear(d_model, d_hidden, bias=False)
-        self.w_down = nn.Linear(d_hidden, d_model, bias=False)
-        self.w_down.weight = self.w_down.weight * out_scale
-
-    def __call__(self, x):
-        return self.w_down(nn.silu(self.w_gate(x)) * self.w_up(x))
 
 
 class Block(nn.Module):

@@ -49,8 +49,9 @@ class SwiGLUExperts(nn.Module):
         return sum(w[0].size for w in (self.w_gate, self.w_up, self.w_down))
 
 
-class SharedExperts(nn.Module):
-    """An always-active dense SwiGLU (names `...moe.shared.w_gate.weight`, in model.safetensors)."""
+class SwiGLU(nn.Module):
+    """A dense SwiGLU FFN: the FFN of dense layers (`blocks.N.ffn`) and the always-active shared
+    experts of MoE layers (`blocks.N.moe.shared`, stored in model.safetensors)."""
 
     def __init__(self, d_model: int, d_hidden: int, out_scale: float = 1.0):
         super().__init__()
@@ -72,7 +73,7 @@ class MoELayer(nn.Module):
                                   eval_capacity_factor=eval_capacity_factor, **router_options)
         self.experts = SwiGLUExperts(num_experts, d_model, d_hidden, out_scale)
         if shared_experts:
-            self.shared = SharedExperts(d_model, shared_experts * d_hidden, out_scale)
+            self.shared = SwiGLU(d_model, shared_experts * d_hidden, out_scale)
         self.num_shared = shared_experts
         self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
         self.dispatch = "dense"  # set by Model.set_dispatch; not a parameter
