@@ -25,10 +25,10 @@ MODEL = {"vocab_size": 256, "d_model": 128, "n_layers": 2, "n_heads": 4, "n_kv_h
          "d_ff": 512, "moe_experts": 32, "moe_topk": 2, "expert_hidden": 1024}
 BATCH, TRAIN_CONTEXT, STEPS, SAMPLE_TOKENS, RESIDENT = 2, 64, 3, 48, 4
 PROMPT = b"Once upon a time"
-# gather is the dispatch the planner models; grouped (the CPU default) is shown for its backward,
-# whose transient is a multiple of the expert gradient (docs/memory.md).
+# gather is the dispatch the planner models; grouped (the CPU default) is shown next to it.
 TRAIN = {"train-adamw": ("adamw", "float32", "gather"), "train-sparse-adamw": ("sparse-adamw", "float32", "gather"),
          "train-sparse-adamw-bf16": ("sparse-adamw", "bfloat16", "gather"),
+         "train-adafactor": ("adafactor", "float32", "gather"),
          "train-adamw-grouped": ("adamw", "float32", "grouped")}
 
 
@@ -99,7 +99,7 @@ def _scenario(name: str, ckpt: str, work: str) -> dict:
                          warmup_steps=2, dispatch=dispatch, optimizer=optimizer, optimizer_state_dtype=state_dtype)
         trainer = Trainer(cfg, tr, Path(work) / name, progress=False)
         trainer.run()
-        if optimizer == "sparse-adamw":
+        if optimizer in ("sparse-adamw", "adafactor"):
             opt = trainer.optimizer
             total = sum(len(p) for p in opt.experts.values())
             extra["expert_state_fraction"] = round(total / (3 * MODEL["n_layers"] * MODEL["moe_experts"]), 3)

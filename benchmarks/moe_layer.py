@@ -8,6 +8,13 @@ FLOPs per token. What is timed is a training step's share of the layer: forward 
 then the twin and the backends are timed round-robin (so drift from other processes on the
 machine hits them alike) and the median is kept; `ratio` is backend ms / dense twin ms.
 
+Each row also gives `floor`, a lower bound on the ratio from memory traffic alone: a training
+step must read the weights of every expert that got a token twice (forward, and backward for the
+input gradient) and write the gradient of all E experts once, while the twin touches only its k*H
+hidden units' weights. Those bytes at the copy bandwidth measured at the start of the run, over
+the twin's time, are what no dispatch can beat on that machine; where `floor` is above 1.2 the
+point is bound by memory, not by dispatch.
+
 Points that would take minutes on a CPU (the `dense` backend runs every expert on every token,
 `gather` runs one GEMV per row on CPU) are skipped from an estimate, and the table says so.
 
@@ -86,6 +93,21 @@ def moe_step(backend, x, indices, gates, w_moe, probe):
     return lambda: grad_fn(x, gates, *w_moe)
 
 
+def copy_bandwidth_gbs(mbytes: int = 256) -> float:
+    """Bytes moved per second (read + write) by one large elementwise copy, best of 3."""
+    a = mx.random.uniform(shape=(mbytes * 2**20 // 4,))
+    mx.eval(a)
+    best = min(timed_ms(lambda: a * 1.0) for _ in range(3))
+    return 2 * a.nbytes / (best / 1e3) / 1e9
+
+
+def traffic_floor_ms(indices, experts, d_model, d_expert, gbs: float) -> float:
+    """Expert-weight bytes a training step must move (see the module docstring), in ms."""
+    used = len(set(mx.flatten(indices).tolist()))
+    per_expert = 3 * d_model * d_expert * 4  # float32 w_gate, w_up, w_down
+    return (2 * used + experts) * per_expert / (gbs * 1e9) * 1e3
+
+
 def timed_ms(step) -> float:
     start = time.perf_counter()
     mx.eval(step())
@@ -103,7 +125,7 @@ def run_point(experts, top_k, tokens, args) -> list[dict]:
     for name in args.backends:
         est_s = min(twin_warm) / 1e3 * estimated_slowdown(name, experts, top_k)
         if est_s > args.max_seconds:
-            records[name] = dict(base, backend=name, ms=None, dense_ms=None, ratio=None,
+            records[name] = dict(base, backend=name, ms=None, dense_ms=None, ratio=None, floor=None,
                                  skipped=f"est. {est_s:.0f} s/call > {args.max_seconds:g} s")
             continue
         steps[name] = moe_step(name, x, indices, gates, w_moe, probe)
@@ -115,10 +137,11 @@ def run_point(experts, top_k, tokens, args) -> list[dict]:
         for name, step in steps.items():
             times[name].append(timed_ms(step))
     dense_ms = statistics.median(times["<twin>"])
+    floor = traffic_floor_ms(indices, experts, args.d_model, args.d_expert, args.bandwidth) / dense_ms
     for name in steps:
         ms = statistics.median(times[name])
         records[name] = dict(base, backend=name, ms=round(ms, 2), dense_ms=round(dense_ms, 2),
-                             ratio=round(ms / dense_ms, 3))
+                             ratio=round(ms / dense_ms, 3), floor=round(floor, 3))
     del x, indices, gates, w_moe, w_twin, probe, steps, twin
     mx.clear_cache()
     return [records[name] for name in args.backends]
@@ -131,14 +154,14 @@ def machine_line() -> str:
 
 
 def format_table(records) -> str:
-    head = f"{'E':>4} {'k':>2} {'T':>5}  {'backend':8} {'ms':>9} {'dense ms':>9} {'ratio':>6}"
+    head = f"{'E':>4} {'k':>2} {'T':>5}  {'backend':8} {'ms':>9} {'dense ms':>9} {'ratio':>6} {'floor':>6}"
     lines = [head, "-" * len(head)]
     for r in records:
         lead = f"{r['experts']:>4} {r['top_k']:>2} {r['tokens']:>5}  {r['backend']:8}"
         if r["ms"] is None:
             lines.append(f"{lead} skipped: {r['skipped']}")
         else:
-            lines.append(f"{lead} {r['ms']:9.1f} {r['dense_ms']:9.1f} {r['ratio']:6.2f}")
+            lines.append(f"{lead} {r['ms']:9.1f} {r['dense_ms']:9.1f} {r['ratio']:6.2f} {r['floor']:6.2f}")
     return "\n".join(lines)
 
 
@@ -184,7 +207,8 @@ def main(argv=None) -> int:
     points = [(E, k, T) for E in args.experts for k in args.top_k for T in args.tokens
               if k <= E // 4]
     log = sys.stderr if args.json else sys.stdout
-    print(f"# {machine_line()}", file=log)
+    args.bandwidth = copy_bandwidth_gbs()
+    print(f"# {machine_line()}, copy bandwidth {args.bandwidth:.1f} GB/s", file=log)
     print(f"# d_model {args.d_model}, d_expert {args.d_expert}, warmup {args.warmup}, "
           f"repeats {args.repeats} (median), forward+backward wrt x, gates and weights", file=log)
     records = []

@@ -17,12 +17,12 @@ from tinymoe.cli.common import print_json, user_errors
 @click.option("--moe-topk", type=int, default=None, help="Override the experts each token is routed to.")
 @click.option("--param-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
               show_default=True, help="Dtype of the weights (and gradients).")
-@click.option("--optimizer", type=click.Choice(["adamw", "sparse-adamw"]), default=None,
+@click.option("--optimizer", type=click.Choice(["adamw", "sparse-adamw", "adafactor"]), default=None,
               help="Default: the preset's [train] optimizer (adamw unless it says otherwise).")
 @click.option("--optimizer-state-dtype", type=click.Choice(["float32", "bfloat16"]), default=None,
               help="Default: the preset's (float32 unless it says otherwise).")
 @click.option("--expert-state-fraction", type=float, default=1.0, show_default=True,
-              help="sparse-adamw: share of experts holding optimizer state.")
+              help="sparse-adamw, adafactor: share of experts holding optimizer state.")
 @click.option("--resident-experts", type=int, default=0, show_default=True,
               help="--mode sample: experts per MoE layer kept in memory (0 = all).")
 @click.option("--memory-gib", type=float, default=48.0, show_default=True, help="The machine's memory.")

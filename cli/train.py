@@ -51,9 +51,11 @@ TRAIN_FLAGS = {
     "log_every": (int, "Write metrics.jsonl every N steps."),
     "seed": (int, "Random seed (weights, batches)."),
     "tokenizer": (str, "bytes (default) or sp:N, a sentencepiece BPE of vocab N trained on the data."),
-    "optimizer": (click.Choice(["adamw", "sparse-adamw"]), "adamw, or sparse-adamw: AdamW whose expert state is "
-                  "created only for experts that receive gradient (see docs/memory.md)."),
-    "optimizer_state_dtype": (click.Choice(["float32", "bfloat16"]), "Dtype of sparse-adamw's moments."),
+    "optimizer": (click.Choice(["adamw", "sparse-adamw", "adafactor"]), "adamw; sparse-adamw: AdamW whose expert "
+                  "state is created only for experts that receive gradient; adafactor: factored second moments, "
+                  "no momentum, lazy expert state (see docs/memory.md)."),
+    "optimizer_state_dtype": (click.Choice(["float32", "bfloat16"]), "Dtype of sparse-adamw's moments or "
+                              "adafactor's statistics."),
     "max_bad_steps": (int, "Stop after this many consecutive steps with a non-finite loss or gradient "
                            "(each is skipped without updating the weights)."),
 }

@@ -38,6 +38,10 @@ CASES = {
     "an expert gets no token": dict(T=12, E=5, K=2, indices=[[t % 2, 2 + t % 2] for t in range(12)]),
     "all slots to one expert": dict(T=10, E=6, K=1, indices=[[3]] * 10),
     "last expert only": dict(T=3, E=4, K=1, indices=[[3]] * 3),
+    # `grouped` writes its weight gradients one of two ways, by whether rows N = T*K exceed E*D
+    # (D = 8 here); both with an idle expert:
+    "idle expert, N > E*D (stacked)": dict(T=40, E=4, K=1, indices=[[t % 3] for t in range(40)]),
+    "idle experts, N < E*D (segmented)": dict(T=5, E=16, K=2),
 }
 
 

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -100,3 +101,43 @@ def test_plan_cli_json_and_bad_input():
     assert "does NOT fit" in adamw.output
     bad = runner.invoke(cli, ["plan", "--preset", "debug", "--expert-state-fraction", "2"])
     assert bad.exit_code == 2 and "error:" in bad.output
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"router": "noisy", "shared_experts": 2, "tie_embeddings": False, "attn_bias": True, "moe_first_dense": 1},
+    {"router": "smart", "moe_experts": 6, "expert_hidden": 24},
+    {"router": "sigmoid-bias"},  # its bias is frozen: no state
+])
+@pytest.mark.parametrize("state_dtype", ["float32", "bfloat16"])
+def test_adafactor_state_bytes_equal_the_optimizer(overrides, state_dtype):
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_map
+
+    from tinymoe.adafactor import Adafactor
+    from tinymoe.model import Model
+
+    cfg = dataclasses.replace(load_preset("debug")[0], **overrides)
+    model = Model(cfg, "dense")
+    opt = Adafactor(1e-3, state_dtype=state_dtype)
+    params = model.trainable_parameters()
+    opt.init(params)
+    grads = tree_map(lambda p: mx.random.normal(p.shape), params)  # no zero slices: every expert active
+    opt.apply_gradients(grads, params)
+    statistics = {k: v for k, v in opt.state.items() if k.rsplit(".", 1)[-1] in ("vr", "vc", "v")}
+    owners = {re.sub(r"(\.expert\d+)?\.(vr|vc|v)$", "", k) for k in statistics}
+    assert owners == {k for k, _ in tree_flatten(params)}  # every trainable weight, nothing else
+    want = sum(v.nbytes for v in statistics.values())
+    assert plan(cfg, optimizer="adafactor", state_dtype=state_dtype)["bytes"]["optimizer"] == want
+    assert plan(cfg, optimizer="adafactor", expert_state_fraction=0.5)["bytes"]["optimizer"] < want * (
+        2 if state_dtype == "bfloat16" else 1)
+
+
+def test_plan_cli_adafactor():
+    runner = CliRunner()
+    out = runner.invoke(cli, ["plan", "--preset", "olmoe-7b", "--optimizer", "adafactor", "--json"])
+    assert out.exit_code == 0, out.output
+    lean = json.loads(out.output)["bytes"]["optimizer"]
+    full = json.loads(runner.invoke(cli, ["plan", "--preset", "olmoe-7b", "--json"]).output)["bytes"]["optimizer"]
+    assert lean < full / 100  # rows + cols against two full moments of 7B weights
+    assert "adafactor" in runner.invoke(cli, ["plan", "--preset", "debug", "--optimizer", "adafactor"]).output

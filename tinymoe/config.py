@@ -103,8 +103,8 @@ class TrainConfig:
     max_bad_steps: int = 5  # stop after this many consecutive non-finite (skipped) steps
     spike_factor: float = 3.0  # log a loss above this x the recent mean as a spike; 0 = off
     spike_window: int = 20  # steps in that recent mean
-    optimizer: str = "adamw"  # adamw | sparse-adamw (lazy per-expert state, tinymoe.optimizers)
-    optimizer_state_dtype: str = "float32"  # float32 | bfloat16 (sparse-adamw only)
+    optimizer: str = "adamw"  # adamw | sparse-adamw | adafactor (lazy per-expert state, tinymoe.optimizers)
+    optimizer_state_dtype: str = "float32"  # float32 | bfloat16 (sparse-adamw and adafactor only)
 
 
 PRESET_SECTIONS = {"model": ModelConfig, "train": TrainConfig}
@@ -209,13 +209,14 @@ def validate(model: ModelConfig, train: TrainConfig | None = None) -> None:
         raise TinyMoeError(f"val_fraction must be in [0, 1), got {train.val_fraction}")
     if not 0 <= train.min_lr_ratio <= 1:
         raise TinyMoeError(f"min_lr_ratio must be in [0, 1], got {train.min_lr_ratio}")
-    if train.optimizer not in ("adamw", "sparse-adamw"):
-        raise TinyMoeError(f"unknown optimizer '{train.optimizer}' (choose from adamw, sparse-adamw)")
+    if train.optimizer not in ("adamw", "sparse-adamw", "adafactor"):
+        raise TinyMoeError(f"unknown optimizer '{train.optimizer}' (choose from adamw, sparse-adamw, adafactor)")
     if train.optimizer_state_dtype not in ("float32", "bfloat16"):
         raise TinyMoeError(f"unknown optimizer state dtype '{train.optimizer_state_dtype}' "
                            f"(choose from float32, bfloat16)")
     if train.optimizer == "adamw" and train.optimizer_state_dtype != "float32":
-        raise TinyMoeError("optimizer_state_dtype bfloat16 needs optimizer sparse-adamw (adamw keeps float32 moments)")
+        raise TinyMoeError("optimizer_state_dtype bfloat16 needs optimizer sparse-adamw or adafactor "
+                           "(adamw keeps float32 moments)")
     from tinymoe.dispatch import BACKENDS  # no MLX import at module level there
 
     if train.dispatch not in ("auto", *BACKENDS):

@@ -19,6 +19,7 @@ a contiguous segment of the sorted rows.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -100,24 +101,45 @@ def grouped(x_TD, indices_TK, gates_TK, w_gate, w_up, w_down):
     counts = plan.counts.tolist()  # host sync: segment boundaries are data
     # gather_rows/combine have gather-form vjps: on CPU a scatter-add backward costs ~2x more.
     xs = kernels.gather_rows(x_TD, plan.order, K, plan.pos)  # (N, D) expert-sorted
-    ys, _, _ = _segment_swiglu(counts)(xs, w_gate, w_up, w_down)  # (N, D)
+    ys = _segment_swiglu(counts)(xs, w_gate, w_up, w_down)[0]  # (N, D)
     return kernels.combine(ys, plan.pos, gates_TK, plan.order)
+
+
+@partial(mx.compile, shapeless=True)
+def _swiglu_forward(gate, up):
+    """(sigmoid(gate), silu(gate) * up), fused: on CPU each separate elementwise pass is costly."""
+    sig = mx.sigmoid(gate)
+    return sig, gate * sig * up
+
+
+@partial(mx.compile, shapeless=True)
+def _swiglu_backward(dh, gate, up, sig):
+    """(d_up, d_gate, h) of h = silu(gate) * up, from the forward's sigmoid (not recomputed)."""
+    silu = gate * sig
+    return dh * silu, dh * up * (sig * (1 + gate * (1 - sig))), silu * up  # silu' = s(1 + g(1 - s))
 
 
 def _segment_swiglu(counts: list[int]):
     """SwiGLU of each expert on its segment of the sorted rows, as one custom-vjp function.
 
-    Returns f(xs (N, D), w_gate, w_up, w_down) -> (ys (N, D), gate (N, H), up (N, H)); the
-    pre-activations are outputs only so the backward pass gets them without recomputing.
-    Why a hand-written vjp: autodiff of per-expert slices `w[e]` gives every slice a
-    gradient as large as the whole stacked weight (E times the memory and time of the weight,
-    out of memory at E=256), and stacking E per-expert gradients is a copy. Here each weight
-    gradient is one `mx.segmented_mm` over the segments, written straight into (E, ., .).
+    Returns f(xs (N, D), w_gate, w_up, w_down) -> (ys (N, D), *gate_e, *up_e, *sig_e): after ys,
+    each used expert's pre-activations (n_e, H) and sigmoid(gate); they are outputs only so the
+    backward pass gets them without recomputing. Keeping the sigmoid matters on CPU, where one
+    `mx.sigmoid` over (N, H) costs about as much as four of the layer's matmuls. They stay per
+    expert: concatenating them would be a copy of (N, H) each.
+
+    Why a hand-written vjp: autodiff of per-expert slices `w[e]` gives every slice a gradient as
+    large as the whole stacked weight (E times the memory and time of the weight; out of memory
+    at E=256). Here each weight gradient is written once into (E, ., .), in whichever of two
+    ways moves fewer bytes: per-expert matmuls stacked (a copy of the E expert gradients; best
+    when the weights are small next to the activations, N > E * D) or one `mx.segmented_mm` over
+    the concatenated segments (a copy of the (N, H) activations; best for many experts).
     """
     used = [e for e, c in enumerate(counts) if c]  # experts with rows; the rest get 0 grads
     bounds = np.concatenate([[0], np.cumsum(counts)]).astype(np.uint32)
     segments = mx.array(np.stack([bounds[:-1], bounds[1:]], axis=1))  # (E, 2) row ranges
     inner = [int(b) for b in bounds[1:-1]]
+    U = len(used)
 
     def per_expert(a):  # rows of the experts in `used`, each a contiguous view of `a`
         parts = mx.split(a, inner, axis=0) if inner else [a]
@@ -129,29 +151,36 @@ def _segment_swiglu(counts: list[int]):
     @mx.custom_function
     def swiglu_experts(xs, w_gate, w_up, w_down):
         x_parts = per_expert(xs)
-        gate = cat([xe @ w_gate[e].T for e, xe in zip(used, x_parts)])  # (N, H)
-        up = cat([xe @ w_up[e].T for e, xe in zip(used, x_parts)])  # (N, H)
-        h = _swiglu(gate, up)
-        ys = cat([he @ w_down[e].T for e, he in zip(used, per_expert(h))])  # (N, D)
-        return ys, gate, up
+        gates = [xe @ w_gate[e].T for e, xe in zip(used, x_parts)]  # (n_e, H) each
+        ups = [xe @ w_up[e].T for e, xe in zip(used, x_parts)]
+        sigs, hs = zip(*[_swiglu_forward(g, u) for g, u in zip(gates, ups)])
+        ys = cat([he @ w_down[e].T for e, he in zip(used, hs)])  # (N, D)
+        return (ys, *gates, *ups, *sigs)
 
     @swiglu_experts.vjp
     def swiglu_experts_vjp(primals, cotangents, outputs):
         xs, w_gate, w_up, w_down = primals
-        dys = cotangents[0]  # (N, D); gate and up are not used by callers
-        _, gate, up = outputs
-        sig = mx.sigmoid(gate)
-        silu = gate * sig
-        dh = cat([de @ w_down[e] for e, de in zip(used, per_expert(dys))])  # (N, H)
-        d_up = dh * silu
-        d_gate = dh * up * (sig * (1 + gate * (1 - sig)))  # silu'(g) = s(g)(1 + g(1 - s(g)))
-        dg_parts, du_parts = per_expert(d_gate), per_expert(d_up)
-        dxs = cat([dg_parts[i] @ w_gate[e] + du_parts[i] @ w_up[e] for i, e in enumerate(used)])
-        dw_down = mx.segmented_mm(dys.T, silu * up, segments)  # (E, D, H)
-        dw_gate = mx.segmented_mm(d_gate.T, xs, segments)  # (E, H, D)
-        dw_up = mx.segmented_mm(d_up.T, xs, segments)  # (E, H, D)
+        E, H, D = w_gate.shape
+        gates, ups, sigs = outputs[1:1 + U], outputs[1 + U:1 + 2 * U], outputs[1 + 2 * U:]
+        x_parts, dy_parts = per_expert(xs), per_expert(cotangents[0])  # callers use ys only
+        d_ups, d_gates, hs, dx_parts = [], [], [], []
+        for i, e in enumerate(used):
+            dh = dy_parts[i] @ w_down[e]  # (n_e, H)
+            d_up, d_gate, h = _swiglu_backward(dh, gates[i], ups[i], sigs[i])
+            dx_parts.append(d_gate @ w_gate[e] + d_up @ w_up[e])  # (n_e, D)
+            d_ups.append(d_up), d_gates.append(d_gate), hs.append(h)
+        if xs.shape[0] > E * D:  # the (E, H, D) gradients are the smaller copy
+            def stacked(lhs, rhs, shape):
+                per = dict(zip(used, (a.T @ b for a, b in zip(lhs, rhs))))
+                return mx.stack([per[e] if e in per else mx.zeros(shape, xs.dtype) for e in range(E)])
+            dw_gate, dw_up = stacked(d_gates, x_parts, (H, D)), stacked(d_ups, x_parts, (H, D))
+            dw_down = stacked(dy_parts, hs, (D, H))
+        else:
+            dw_gate = mx.segmented_mm(cat(d_gates).T, xs, segments)  # (E, H, D)
+            dw_up = mx.segmented_mm(cat(d_ups).T, xs, segments)
+            dw_down = mx.segmented_mm(cotangents[0].T, cat(hs), segments)  # (E, D, H)
         # Mixed dtypes promote in the matmuls; each gradient must match its primal's dtype.
-        grads = (dxs, dw_gate, dw_up, dw_down)
+        grads = (cat(dx_parts), dw_gate, dw_up, dw_down)
         return tuple(g.astype(p.dtype) for g, p in zip(grads, primals))
 
     return swiglu_experts

@@ -6,10 +6,10 @@ checkpoint of any size takes milliseconds and almost no resident memory. Each st
 (E, out, in) becomes a numpy view of the mapping; expert e is the contiguous slice [e], whose
 pages the OS reads only when it is touched.
 
-Turning a view into an MLX array: on this platform (Linux, MLX CPU) `mx.array(view)` copies, so
-`expert()` copies exactly one expert and `tensor()` one whole stacked tensor. On Apple Silicon the
-tensors start on 16 KiB boundaries (the page size), which is what a zero-copy wrap of mapped pages
-would need; this module does not rely on it.
+Turning a view into an MLX array: `mx.array(view)` copies, on every platform (MLX 0.32 has no
+constructor that adopts host memory), so `expert()` copies exactly one expert and `tensor()` one
+whole stacked tensor. The tensors start on 16 KiB boundaries (Apple Silicon's page size), which a
+zero-copy wrap of mapped pages would need; `_to_mlx` is where it would go.
 
 Pages read to make a copy are released again (madvise MADV_DONTNEED), so the process's
 resident memory holds the copies, not the mapped file as well.

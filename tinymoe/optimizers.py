@@ -23,6 +23,8 @@ Non-expert weights get ordinary AdamW. `state_dtype="bfloat16"` stores the momen
 The active set is read on the host each step, so the update is not `mx.compile`d
 (`compilable = False`; the trainer runs it eagerly). State is a flat name -> array dict, saved in
 optimizer.safetensors as `<param>.m`/`.v` and, per expert, `<param>.expert<E>.m`/`.v`/`.t`.
+`--optimizer adafactor` (tinymoe.adafactor) applies the same active-expert rule to factored
+second-moment statistics.
 """
 
 from __future__ import annotations
@@ -35,19 +37,101 @@ from mlx.utils import tree_flatten
 
 from tinymoe.errors import TinyMoeError
 
-OPTIMIZERS = ("adamw", "sparse-adamw")
+OPTIMIZERS = ("adamw", "sparse-adamw", "adafactor")
 STATE_DTYPES = ("float32", "bfloat16")
-_EXPERT_KEY = re.compile(r"(.+)\.expert(\d+)\.(m|v|t)")
+_EXPERT_KEY = re.compile(r"(.+)\.expert(\d+)\.(\w+)")  # <param>.expert<E>.<part>
 
 
 def is_expert_param(name: str) -> bool:
     return ".moe.experts." in name
 
 
-class SparseAdamW:
+def active_experts(grads: dict, names: list[str]) -> list[np.ndarray]:
+    """Per expert tensor (E, ...), an (E,) bool mask of the experts whose gradient slice is not
+    all zero. One host sync for all of them."""
+    masks = [mx.any(grads[n] != 0, axis=tuple(range(1, grads[n].ndim))) for n in names]
+    mx.eval(masks)
+    return [np.array(m) for m in masks]
+
+
+def pack_state(step: int, lr: mx.array, dense: dict, experts: dict) -> dict:
+    """The flat name -> array dict a lean optimizer saves (optimizer.safetensors): `step`,
+    `learning_rate`, `<param>.<part>` per non-expert weight and `<param>.expert<E>.<part>` per
+    expert with state, its own update count `t` as uint32."""
+    flat = {"step": mx.array(step, dtype=mx.uint64), "learning_rate": lr}
+    for name, st in dense.items():
+        flat.update({f"{name}.{k}": a for k, a in st.items()})
+    for name, per in experts.items():
+        for e, st in per.items():
+            flat.update({f"{name}.expert{e}.{k}": mx.array(a, dtype=mx.uint32) if k == "t" else a
+                         for k, a in st.items()})
+    return flat
+
+
+def unpack_state(tree, parts: tuple[str, ...], owner: str) -> tuple[int, mx.array, dict, dict]:
+    """(step, learning_rate, dense, experts) from `pack_state`'s dict or its tree_unflatten'ed
+    form; `parts` are the names `owner` keeps per weight (plus `t` per expert)."""
+    flat = dict(tree_flatten(tree))
+    try:
+        step = int(flat.pop("step").item())
+        lr = flat.pop("learning_rate").astype(mx.float32)
+    except KeyError as exc:
+        raise TinyMoeError(f"optimizer state lacks '{exc.args[0]}'; was it saved by {owner}?") from None
+    dense, experts = {}, {}
+    for key, arr in flat.items():
+        match = _EXPERT_KEY.fullmatch(key)
+        if match and match.group(3) in (*parts, "t"):
+            name, e, part = match.group(1), int(match.group(2)), match.group(3)
+            slot = experts.setdefault(name, {}).setdefault(e, {})
+            slot[part] = int(arr.item()) if part == "t" else arr
+            continue
+        name, _, part = key.rpartition(".")
+        if part not in parts:
+            raise TinyMoeError(f"optimizer state has an unexpected entry '{key}'; was it saved by {owner}?")
+        dense.setdefault(name, {})[part] = arr
+    return step, lr, dense, experts
+
+
+class LazyExpertOptimizer:
+    """What the lean optimizers share: per-expert state created on first use (`experts`: name ->
+    expert -> state, with its update count `t`), non-expert state in `dense`, an eager update
+    (`compilable = False`: the active experts are found on the host) and the flat checkpoint
+    form of `pack_state`. Subclasses set `kind` and `state_parts` and define `apply_gradients`."""
+
+    compilable = False
+    kind = ""
+    state_parts: tuple[str, ...] = ()
+
+    @property
+    def learning_rate(self) -> mx.array:
+        return self._lr
+
+    def update(self, model, gradients) -> None:
+        from mlx.utils import tree_unflatten
+
+        model.update(tree_unflatten(list(self.apply_gradients(gradients, model.parameters()).items())))
+
+    @property
+    def state(self) -> dict:
+        return pack_state(self.step, self._lr, self.dense, self.experts)
+
+    @state.setter
+    def state(self, tree) -> None:
+        """Restore from `state` (flat) or its tree_unflatten'ed form (what the trainer passes)."""
+        self.step, self._lr, self.dense, self.experts = unpack_state(tree, self.state_parts, self.kind)
+        self._check_state()
+
+    def _check_state(self) -> None:
+        """Subclasses may check a restored state's shape here."""
+
+    def state_bytes(self) -> int:
+        return sum(a.nbytes for a in self.state.values())
+
+
+class SparseAdamW(LazyExpertOptimizer):
     """AdamW whose expert state is created lazily and only for experts that receive gradient."""
 
-    compilable = False  # the active experts are found on the host
+    kind, state_parts = "sparse-adamw", ("m", "v")
 
     def __init__(self, learning_rate, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01,
                  bias_correction: bool = False, state_dtype: str = "float32"):
@@ -62,10 +146,6 @@ class SparseAdamW:
         self._lr = mx.array(self.schedule(0) if self.schedule else learning_rate, dtype=mx.float32)
         self.dense: dict[str, dict] = {}  # name -> {"m", "v"}
         self.experts: dict[str, dict[int, dict]] = {}  # name -> expert -> {"m", "v", "t"}
-
-    @property
-    def learning_rate(self) -> mx.array:
-        return self._lr
 
     def init(self, parameters) -> None:
         """Moments for the non-expert weights; none for experts (they appear when used)."""
@@ -99,9 +179,7 @@ class SparseAdamW:
         params = dict(tree_flatten(parameters))
         grads = dict(tree_flatten(gradients))
         expert_names = [n for n in grads if is_expert_param(n)]
-        # One host sync for all expert tensors: which slices have any non-zero gradient.
-        masks = [mx.any(grads[n] != 0, axis=tuple(range(1, grads[n].ndim))) for n in expert_names]
-        mx.eval(masks)
+        masks = active_experts(grads, expert_names)
         out = {}
         for name, g in grads.items():
             if name in expert_names:
@@ -112,7 +190,7 @@ class SparseAdamW:
                                          "v": mx.zeros(g.shape, self.state_dtype)}
             out[name], st["m"], st["v"] = self._adamw(g, params[name], st["m"], st["v"], self.step)
         for name, mask in zip(expert_names, masks):
-            out[name] = self._update_experts(name, grads[name], params[name], np.array(mask))
+            out[name] = self._update_experts(name, grads[name], params[name], mask)
         return out
 
     def _update_experts(self, name: str, g, p, active: np.ndarray):
@@ -141,58 +219,22 @@ class SparseAdamW:
                 rows[e], states[e]["m"], states[e]["v"] = new[i], m[i], v[i]
         return mx.stack([rows.get(e, p[e]) for e in range(p.shape[0])])
 
-    def update(self, model, gradients) -> None:
-        from mlx.utils import tree_unflatten
-
-        model.update(tree_unflatten(list(self.apply_gradients(gradients, model.parameters()).items())))
-
-    # -- state for checkpoints ------------------------------------------------------------
-    @property
-    def state(self) -> dict:
-        flat = {"step": mx.array(self.step, dtype=mx.uint64), "learning_rate": self._lr}
-        for name, st in self.dense.items():
-            flat[f"{name}.m"], flat[f"{name}.v"] = st["m"], st["v"]
-        for name, per in self.experts.items():
-            for e, st in per.items():
-                flat[f"{name}.expert{e}.m"], flat[f"{name}.expert{e}.v"] = st["m"], st["v"]
-                flat[f"{name}.expert{e}.t"] = mx.array(st["t"], dtype=mx.uint32)
-        return flat
-
-    @state.setter
-    def state(self, tree) -> None:
-        """Restore from `state` (flat) or its tree_unflatten'ed form (what the trainer passes)."""
-        flat = dict(tree_flatten(tree))
-        try:
-            self.step = int(flat.pop("step").item())
-            self._lr = flat.pop("learning_rate").astype(mx.float32)
-        except KeyError as exc:
-            raise TinyMoeError(f"optimizer state lacks '{exc.args[0]}'; was it saved by sparse-adamw?") from None
-        self.dense, self.experts = {}, {}
-        for key, arr in flat.items():
-            match = _EXPERT_KEY.fullmatch(key)
-            if match:
-                name, e, part = match.group(1), int(match.group(2)), match.group(3)
-                slot = self.experts.setdefault(name, {}).setdefault(e, {})
-                slot[part] = int(arr.item()) if part == "t" else arr
-                continue
-            name, _, part = key.rpartition(".")
-            if part not in ("m", "v"):
-                raise TinyMoeError(f"optimizer state has an unexpected entry '{key}'")
-            self.dense.setdefault(name, {})[part] = arr
-
-    def state_bytes(self) -> int:
-        return sum(a.nbytes for a in self.state.values())
-
 
 def make_optimizer(kind: str, learning_rate, betas, weight_decay: float, state_dtype: str = "float32"):
-    """The trainer's optimizer: mlx's AdamW (the default, compiled) or SparseAdamW."""
+    """The trainer's optimizer: mlx's AdamW (the default, compiled), SparseAdamW or Adafactor.
+    Adafactor ignores `betas`: it keeps no first moment and its decay follows its step count
+    (tinymoe.adafactor)."""
     if kind == "adamw":
         if state_dtype != "float32":
-            raise TinyMoeError("--optimizer-state-dtype bfloat16 needs --optimizer sparse-adamw "
+            raise TinyMoeError("--optimizer-state-dtype bfloat16 needs --optimizer sparse-adamw or adafactor "
                                "(adamw keeps float32 moments)")
         import mlx.optimizers as optim
 
         return optim.AdamW(learning_rate=learning_rate, betas=list(betas), weight_decay=weight_decay)
     if kind == "sparse-adamw":
         return SparseAdamW(learning_rate, betas=tuple(betas), weight_decay=weight_decay, state_dtype=state_dtype)
+    if kind == "adafactor":
+        from tinymoe.adafactor import Adafactor
+
+        return Adafactor(learning_rate, weight_decay=weight_decay, state_dtype=state_dtype)
     raise TinyMoeError(f"unknown optimizer '{kind}' (choose from {', '.join(OPTIMIZERS)})")

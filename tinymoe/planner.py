@@ -12,9 +12,15 @@ Memory model (bytes; every figure is an estimate except the parameter counts):
   optimizer      adamw: two moments for every weight. sparse-adamw: two moments for the
                  non-expert weights plus, for the experts, only the share that has received
                  gradient (`expert_state_fraction`; 1.0 is the honest training default, since
-                 load balancing routes some token to every expert within a few steps)
-  update         MLX's update is functional: clipped gradients, new weights and new moments are
-                 created before the old ones are freed, so the peak holds all three twice
+                 load balancing routes some token to every expert within a few steps).
+                 adafactor: R + C statistics per (R, C) matrix (per expert, for that same share
+                 of experts) and a full v per vector (`_adafactor_state_elements`)
+  update         MLX's update is functional: clipped gradients and new weights exist before the
+                 old ones are freed. adamw's compiled update also holds new and old moments
+                 at once (a compiled function's inputs stay referenced until it returns);
+                 sparse-adamw's and adafactor's eager updates measured no second state copy
+                 (benchmarks/memory.py): an old state array referenced only by the pending
+                 graph can give its buffer to the new one
   activations    what backprop keeps per token and layer (see `_activation_bytes`), attention
                  scores (MLX's attention backward materialises the L x L probabilities) and the
                  logits; assumes a sparse dispatch backend (grouped/gather: K experts per token)
@@ -37,7 +43,7 @@ from tinymoe.errors import TinyMoeError
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 DEFAULT_MEMORY_GIB = 48.0
 DEFAULT_USABLE_FRACTION = 0.75  # Metal's default GPU working-set limit on large-memory Macs
-OPTIMIZERS = ("adamw", "sparse-adamw")
+OPTIMIZERS = ("adamw", "sparse-adamw", "adafactor")
 GIB = 2**30
 
 
@@ -99,6 +105,29 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
         else:
             total += 3 * d * cfg.d_ff
     return ParamCounts(total, total - idle, expert, per_expert, moe_layers)
+
+
+def _adafactor_state_elements(cfg: ModelConfig, expert_state_fraction: float) -> float:
+    """Statistics tinymoe.adafactor keeps: rows + cols per trainable matrix, every element of a
+    vector. Not counted: the step counters (4 bytes per expert and expert tensor)."""
+    d, h, dh = cfg.d_model, cfg.expert_d_ff, cfg.head_dim
+    q, kv = cfg.n_heads * dh, cfg.n_kv_heads * dh
+    n = (cfg.vocab_size + d) * (1 if cfg.tie_embeddings else 2) + d  # embedding, head, final norm
+    for layer in range(cfg.n_layers):
+        n += 2 * d + (q + d) + 2 * (kv + d) + (d + q)  # two norms, wq, wk, wv, wo
+        if cfg.attn_bias:
+            n += q + 2 * kv
+        if not cfg.layer_is_moe(layer):
+            n += 3 * (cfg.d_ff + d)
+            continue
+        router = getattr(cfg, "router", "topk")
+        # noisy: a second (E, D) matrix; smart: a (1,) temperature; sigmoid-bias: its bias is frozen
+        n += (cfg.moe_experts + d) * (2 if router == "noisy" else 1) + (1 if router == "smart" else 0)
+        shared = getattr(cfg, "shared_experts", 0)
+        if shared:
+            n += 3 * (shared * h + d)
+        n += expert_state_fraction * cfg.moe_experts * 3 * (h + d)
+    return n
 
 
 def _activation_bytes(cfg: ModelConfig, batch: int, context: int, act_bytes: int) -> int:
@@ -163,11 +192,16 @@ def plan(cfg: ModelConfig, *, mode: str = "train", batch: int = 1, context: int 
         parts["gradients"] = counts.total * p_bytes
         non_expert = counts.total - counts.expert
         with_state = non_expert + (counts.expert if optimizer == "adamw" else counts.expert * expert_state_fraction)
-        parts["optimizer"] = int(2 * with_state * s_bytes)
+        if optimizer == "adafactor":
+            parts["optimizer"] = int(_adafactor_state_elements(cfg, expert_state_fraction) * s_bytes)
+        else:
+            parts["optimizer"] = int(2 * with_state * s_bytes)
         parts["activations"] = _activation_bytes(cfg, batch, context, p_bytes)
-        # MLX updates functionally: the clipped gradients, new weights and new moments exist
-        # before the old ones are released, so the step's peak holds a second copy of each.
-        parts["update_transient"] = parts["weights"] + parts["gradients"] + parts["optimizer"]
+        # The step's peak holds a second copy of the gradients and weights, and of the state when
+        # the update is compiled (adamw); see the module docstring.
+        parts["update_transient"] = parts["weights"] + parts["gradients"]
+        if optimizer == "adamw":
+            parts["update_transient"] += parts["optimizer"]
     total = sum(parts.values())
     budget = int(memory_gib * GIB * usable_fraction)
     return {"mode": mode, "params": {"total": counts.total, "active": counts.active, "expert": counts.expert},

@@ -1,10 +1,10 @@
 """The training loop: data, AdamW with warmup + cosine, compiled steps, eval, logs, checkpoints.
 
 One optimizer step = `grad_accum` micro-batches of (batch_size, context) tokens. Gradients are
-averaged over the micro-batches, clipped to a global norm, then AdamW updates the weights. When
-the MoE dispatch backend has no host synchronisation the gradient and update functions are
-`mx.compile`d with the model and optimizer state as explicit inputs/outputs; with `grouped`
-(segment lengths read on the host) they run eagerly. The loss and gradient norm are checked on
+averaged over the micro-batches, clipped to a global norm, then AdamW updates the weights. The
+update is `mx.compile`d with the model and optimizer state as explicit inputs/outputs, and so is
+the forward/backward unless an MoE layer uses `grouped` dispatch (segment lengths read on the
+host), which runs eagerly. The loss and gradient norm are checked on
 the host before the update: a non-finite step is skipped, leaving weights and optimizer state
 untouched, and counted; too many in a row stop the run (tinymoe.monitor).
 
@@ -22,7 +22,6 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -90,10 +89,17 @@ def lr_schedule(train: TrainConfig):
     return schedule
 
 
-class Stepper:
-    """One optimizer step: grad_accum micro-batches, averaged grads, clip, AdamW update."""
+def _stack_layers(values: list) -> mx.array:
+    """One per-layer statistic, (L,) or (L, E); (0,) for a model without MoE layers."""
+    return mx.stack(values) if values else mx.zeros((0,))
 
-    def __init__(self, model: Model, optimizer, model_cfg: ModelConfig, train: TrainConfig):
+
+class Stepper:
+    """One optimizer step: grad_accum micro-batches, averaged grads, clip, the optimizer's update."""
+
+    def __init__(self, model: Model, optimizer, model_cfg: ModelConfig, train: TrainConfig,
+                 compile: bool | None = None):
+        """compile: None compiles whenever the dispatch backend allows it; False never does."""
         self.model, self.optimizer = model, optimizer
         w_balance, w_z, clip = model_cfg.aux_loss_weight, model_cfg.z_loss_weight, train.grad_clip
         w_entropy = effective_entropy_weight(model_cfg)
@@ -106,8 +112,10 @@ class Stepper:
             total = ce + w_balance * aux["balance_loss"] + w_z * aux["z_loss"]
             if w_entropy:  # the entropy bonus (tinymoe.routers.router_losses)
                 total = total + w_entropy * aux["entropy_loss"]
-            per_layer = [mx.stack(aux[k]) if aux[k] else mx.zeros((0,)) for k in ("load", "drop_rate", "mean_k")]
-            return total, ce, aux["balance_loss"], aux["z_loss"], per_layer[0], aux["entropy_loss"], *per_layer[1:]
+            # Per-layer stats stay lists (empty for a dense model) and are stacked outside: two
+            # distinct empty arrays among a compiled value_and_grad's outputs crash mx.compile (0.32).
+            return total, ce, aux["balance_loss"], aux["z_loss"], aux["load"], aux["entropy_loss"], \
+                aux["drop_rate"], aux["mean_k"]
 
         grad_fn = nn.value_and_grad(model, loss_fn)
 
@@ -116,17 +124,19 @@ class Stepper:
             optimizer.update(model, grads)
             return norm
 
-        self.compiled = model.dispatch in COMPILABLE
-        if self.compiled:
+        # The forward/backward can be traced unless an MoE layer reads its segment sizes on the host
+        # (`grouped`); the update and the norm can be traced whatever the dispatch.
+        traceable = model.dispatch in COMPILABLE or not model.moe_layers()
+        self.compiled = traceable and compile is not False
+        # value_and_grad swaps traced arrays into the model, so its state is an output too.
+        self._grad = mx.compile(grad_fn, inputs=[model.state], outputs=[model.state]) if self.compiled else grad_fn
+        # sparse-adamw picks the active experts on the host: its update runs eagerly.
+        if compile is not False and getattr(optimizer, "compilable", True):
             state = [model.state, optimizer.state]
-            # value_and_grad swaps traced arrays into the model, so its state is an output too.
-            self._grad = mx.compile(grad_fn, inputs=[model.state], outputs=[model.state])
-            # sparse-adamw picks the active experts on the host: its update runs eagerly.
-            compile_apply = getattr(optimizer, "compilable", True)
-            self._apply = mx.compile(apply, inputs=state, outputs=state) if compile_apply else apply
-            self._norm = mx.compile(global_norm)
+            self._apply = mx.compile(apply, inputs=state, outputs=state)
         else:
-            self._grad, self._apply, self._norm = grad_fn, apply, global_norm
+            self._apply = apply
+        self._norm = global_norm if compile is False else mx.compile(global_norm)
 
     def step(self, next_batches, step: int | None = None) -> dict:
         """Run one step over the (inputs, targets) micro-batches that `next_batches` yields
@@ -134,7 +144,9 @@ class Stepper:
         optimizer's update count) and the seed give the step's random key."""
         grads, sums, n = None, None, 0
         if self.needs_key:
-            key = step_key(self.seed, int(self.optimizer.step.item()) if step is None else step)
+            if step is None:  # mlx's optimizers count in an array, ours (sparse-adamw, adafactor) in an int
+                step = int(getattr(self.optimizer.step, "item", lambda: self.optimizer.step)())
+            key = step_key(self.seed, step)
         for next_batch in next_batches:
             x, y = next_batch()
             if self.needs_key:
@@ -142,6 +154,7 @@ class Stepper:
                 values, g = self._grad(mx.array(x), mx.array(y), sub)
             else:
                 values, g = self._grad(mx.array(x), mx.array(y))
+            values = tuple(_stack_layers(v) if isinstance(v, list) else v for v in values)
             grads = g if grads is None else tree_map(mx.add, grads, g)
             sums = values if sums is None else tuple(a + b for a, b in zip(sums, values))
             n += 1
