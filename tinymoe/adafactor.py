@@ -39,7 +39,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from tinymoe.errors import TinyMoeError
-from tinymoe.optimizers import STATE_DTYPES, LazyExpertOptimizer, active_experts, is_expert_param
+from tinymoe.optimizers import STATE_DTYPES, LazyExpertOptimizer, is_expert_param
 
 EPS1 = 1e-30  # added to G^2: keeps the statistics of an all-zero row or column positive
 CLIP_THRESHOLD = 1.0  # d: the largest RMS an update may have
@@ -122,28 +122,14 @@ class Adafactor(LazyExpertOptimizer):
         p_new = p.astype(mx.float32) * (1 - lr * self.weight_decay) - lr * u
         return p_new.astype(p.dtype), {k: a.astype(self.state_dtype) for k, a in new.items()}
 
-    def apply_gradients(self, gradients, parameters) -> dict:
-        """New flat name -> weight for every weight with a gradient."""
-        if self.schedule is not None:
-            self._lr = mx.array(self.schedule(self.step), dtype=mx.float32)
-        self.step += 1
-        params = dict(tree_flatten(parameters))
-        grads = dict(tree_flatten(gradients))
-        expert_names = [n for n in grads if is_expert_param(n)]
-        out = {}
-        for name, g in grads.items():
-            if name in expert_names:
-                continue
-            st = self.dense.get(name)
-            if st is None:
-                st = self.dense[name] = self._zeros(g.shape)
-            batch = {k: a[None] for k, a in st.items()}
-            new_p, new_st = self._adafactor(g[None], params[name][None], batch, np.array([self.step]))
-            out[name] = new_p[0]
-            self.dense[name] = {k: a[0] for k, a in new_st.items()}
-        for name, mask in zip(expert_names, active_experts(grads, expert_names)):
-            out[name] = self._update_experts(name, grads[name], params[name], mask)
-        return out
+    def _update_dense(self, name: str, g, p):
+        st = self.dense.get(name)
+        if st is None:
+            st = self.dense[name] = self._zeros(g.shape)
+        batch = {k: a[None] for k, a in st.items()}
+        new_p, new_st = self._adafactor(g[None], p[None], batch, np.array([self.step]))
+        self.dense[name] = {k: a[0] for k, a in new_st.items()}
+        return new_p[0]
 
     def _update_experts(self, name: str, g, p, active: np.ndarray):
         """The active experts of one (E, ...) tensor updated together; idle slices are p's own."""

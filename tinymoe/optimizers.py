@@ -96,7 +96,8 @@ class LazyExpertOptimizer:
     """What the lean optimizers share: per-expert state created on first use (`experts`: name ->
     expert -> state, with its update count `t`), non-expert state in `dense`, an eager update
     (`compilable = False`: the active experts are found on the host) and the flat checkpoint
-    form of `pack_state`. Subclasses set `kind` and `state_parts` and define `apply_gradients`."""
+    form of `pack_state`. Subclasses set `kind` and `state_parts` and define `_update_dense` and
+    `_update_experts`."""
 
     compilable = False
     kind = ""
@@ -105,6 +106,21 @@ class LazyExpertOptimizer:
     @property
     def learning_rate(self) -> mx.array:
         return self._lr
+
+    def apply_gradients(self, gradients, parameters) -> dict:
+        """New flat name -> weight for every weight with a gradient: `_update_dense` for each
+        non-expert weight, `_update_experts` for each expert tensor with its active-expert mask."""
+        if self.schedule is not None:
+            self._lr = mx.array(self.schedule(self.step), dtype=mx.float32)
+        self.step += 1
+        params = dict(tree_flatten(parameters))
+        grads = dict(tree_flatten(gradients))
+        expert_names = [n for n in grads if is_expert_param(n)]
+        out = {name: self._update_dense(name, g, params[name]) for name, g in grads.items()
+               if name not in expert_names}
+        for name, mask in zip(expert_names, active_experts(grads, expert_names)):
+            out[name] = self._update_experts(name, grads[name], params[name], mask)
+        return out
 
     def update(self, model, gradients) -> None:
         from mlx.utils import tree_unflatten
@@ -171,27 +187,12 @@ class SparseAdamW(LazyExpertOptimizer):
             new = p - lr * m / (mx.sqrt(v) + self.eps)
         return new, m.astype(self.state_dtype), v.astype(self.state_dtype)
 
-    def apply_gradients(self, gradients, parameters) -> dict:
-        """New flat name -> weight for every weight with a gradient."""
-        if self.schedule is not None:
-            self._lr = mx.array(self.schedule(self.step), dtype=mx.float32)
-        self.step += 1
-        params = dict(tree_flatten(parameters))
-        grads = dict(tree_flatten(gradients))
-        expert_names = [n for n in grads if is_expert_param(n)]
-        masks = active_experts(grads, expert_names)
-        out = {}
-        for name, g in grads.items():
-            if name in expert_names:
-                continue
-            st = self.dense.get(name)
-            if st is None:
-                st = self.dense[name] = {"m": mx.zeros(g.shape, self.state_dtype),
-                                         "v": mx.zeros(g.shape, self.state_dtype)}
-            out[name], st["m"], st["v"] = self._adamw(g, params[name], st["m"], st["v"], self.step)
-        for name, mask in zip(expert_names, masks):
-            out[name] = self._update_experts(name, grads[name], params[name], mask)
-        return out
+    def _update_dense(self, name: str, g, p):
+        st = self.dense.get(name)
+        if st is None:
+            st = self.dense[name] = {"m": mx.zeros(g.shape, self.state_dtype), "v": mx.zeros(g.shape, self.state_dtype)}
+        new, st["m"], st["v"] = self._adamw(g, p, st["m"], st["v"], self.step)
+        return new
 
     def _update_experts(self, name: str, g, p, active: np.ndarray):
         states = self.experts.setdefault(name, {})
