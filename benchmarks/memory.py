@@ -53,8 +53,8 @@ def _scenario(name: str, ckpt: str, work: str) -> dict:
     """Runs inside the subprocess."""
     import mlx.core as mx
 
-    import tinymoe.loader  # noqa: F401  (the baseline imports the same modules)
-    import tinymoe.train  # noqa: F401
+    import tinymoe.io.loader  # noqa: F401  (the baseline imports the same modules)
+    import tinymoe.train.trainer  # noqa: F401
 
     extra = {}
     reset = _reset_peak_rss()
@@ -63,22 +63,22 @@ def _scenario(name: str, ckpt: str, work: str) -> dict:
     if name == "baseline":
         pass
     elif name == "open-plain":
-        from tinymoe.loader import load_model
+        from tinymoe.io.loader import load_model
 
         load_model(ckpt, "grouped")
     elif name == "open-mapped":
-        from tinymoe.mmap_experts import open_mapped
+        from tinymoe.io.mmap_experts import open_mapped
 
         open_mapped(ckpt, "grouped")
     elif name.startswith("sample"):
-        from tinymoe.sample import generate
+        from tinymoe.infer.sample import generate
 
         if name == "sample-all":
-            from tinymoe.loader import load_model
+            from tinymoe.io.loader import load_model
 
             model = load_model(ckpt, "grouped")[0]
         else:
-            from tinymoe.offload import cache_stats, load_model_offloaded
+            from tinymoe.infer.offload import cache_stats, load_model_offloaded
 
             model, *_, caches = load_model_offloaded(ckpt, RESIDENT, "grouped")
         t0 = time.perf_counter()
@@ -88,7 +88,7 @@ def _scenario(name: str, ckpt: str, work: str) -> dict:
             extra["hit_rate"] = cache_stats(caches)["hit_rate"]
     elif name.startswith("train"):
         from tinymoe.config import ModelConfig, TrainConfig
-        from tinymoe.train import Trainer
+        from tinymoe.train.trainer import Trainer
 
         optimizer, state_dtype, dispatch = TRAIN[name]
         corpus = Path(work) / "corpus"
@@ -132,9 +132,9 @@ def _build_checkpoint(out: Path) -> Path:
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from tinymoe import checkpoint
+    from tinymoe.io import checkpoint
     from tinymoe.config import ModelConfig, to_dict
-    from tinymoe.model import Model
+    from tinymoe.nn.model import Model
 
     run = out / "ckpt-run"
     if (run / "latest").exists():

@@ -40,7 +40,7 @@ from tinymoe import backend as tm_backend
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 
-from tinymoe import dispatch  # noqa: E402
+from tinymoe.nn import dispatch  # noqa: E402
 
 FULL = {"experts": (8, 64, 256), "top_k": (1, 2, 8), "tokens": (512, 4096)}
 QUICK = {"experts": (8, 64), "top_k": (1, 2), "tokens": (512,)}

@@ -43,10 +43,10 @@ VARIANTS = {
 def run_variant(name: str, overrides: dict, args, root: Path) -> dict:
     import numpy as np
 
-    from tinymoe.analysis import routing_stats
+    from tinymoe.analysis.stats import routing_stats
     from tinymoe.config import apply_overrides, load_preset, validate
-    from tinymoe.model import count_params
-    from tinymoe.train import Trainer
+    from tinymoe.nn.model import count_params
+    from tinymoe.train.trainer import Trainer
 
     model_cfg, train_cfg = load_preset("tiny")
     model_cfg = apply_overrides(model_cfg, {"moe_experts": 8, "moe_topk": 2, **overrides}, name)

@@ -35,8 +35,8 @@ def make_stepper(model_cfg, train, dispatch: str, compile: bool):
     import mlx.core as mx
     import mlx.optimizers as optim
 
-    from tinymoe.model import Model
-    from tinymoe.train import Stepper
+    from tinymoe.nn.model import Model
+    from tinymoe.train.step import Stepper
 
     mx.random.seed(0)
     model = Model(model_cfg, dispatch)
@@ -51,7 +51,7 @@ def run(args) -> list[dict]:
     import numpy as np
 
     from tinymoe import backend
-    from tinymoe.model import count_params
+    from tinymoe.nn.model import count_params
 
     train, cfgs = configs(args.preset, args.experts, args.top_k)
     steppers = {name: make_stepper(cfg, train, args.dispatch, not args.eager) for name, cfg in cfgs.items()}

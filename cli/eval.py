@@ -7,30 +7,6 @@ import click
 from tinymoe.cli.common import UserError, print_json, user_errors
 
 
-def held_out_tokens(manifest, tokenizer, data, with_domains=False):
-    """Tokens to score: all of `data` if given, else the checkpoint's own validation split.
-    Returns (tokens, what); with_domains=True adds the per-token domain ids and domain names."""
-    import numpy as np
-
-    from tinymoe.config import TrainConfig, from_dict
-    from tinymoe.data import read_documents, tokenize_documents
-    from tinymoe.train import cache_dir, prepare_data
-
-    if data:
-        docs = read_documents(list(data))
-        given = tokenize_documents(docs, tokenizer, cache_dir() / "tokens")
-        if with_domains:
-            return np.asarray(given.tokens), "given data", np.asarray(given.domain_ids), given.domain_names
-        return np.asarray(given.tokens), "given data"
-    train_cfg = from_dict(TrainConfig, manifest.get("train", {}), "checkpoint train config")
-    run_data = prepare_data(train_cfg, tokenizer)
-    if run_data.val_tokens.size == 0:
-        raise UserError("the checkpoint's run has no validation split; pass --data")
-    if with_domains:
-        return run_data.val_tokens, "validation split", run_data.val_domain_ids, run_data.domain_names
-    return run_data.val_tokens, "validation split"
-
-
 @click.command("eval")
 @click.argument("checkpoint", type=click.Path())
 @click.option("--data", multiple=True, help="Text to evaluate on (default: the run's validation split).")
@@ -42,11 +18,13 @@ def held_out_tokens(manifest, tokenizer, data, with_domains=False):
 @user_errors
 def eval_cmd(checkpoint, data, batch_size, max_batches, dispatch, as_json):
     """Score CHECKPOINT on held-out text: loss (nats/token), perplexity, bits per byte."""
-    from tinymoe.evaluate import evaluate
-    from tinymoe.loader import load_model
+    from tinymoe.data.prepare import held_out_tokens
+    from tinymoe.train.evaluate import evaluate
+    from tinymoe.io.loader import load_model
 
     model, manifest, tokenizer, ckpt = load_model(checkpoint, dispatch)
-    tokens, what = held_out_tokens(manifest, tokenizer, data)
+    held = held_out_tokens(manifest, tokenizer, data)
+    tokens, what = held.tokens, held.what
     model.train(False)
     result = evaluate(model, tokens, tokenizer.token_byte_lengths(), batch_size, model.cfg.context, max_batches)
     if result["tokens"] == 0:

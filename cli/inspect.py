@@ -2,7 +2,7 @@
 
 Per MoE layer: expert load (a bar chart), router entropy, load CV, dead experts, drop rate, and,
 when the routed data carries domain tags, the domain x expert table and the specialization score;
-for top-k > 1 the expert pairs that fire together. Definitions: tinymoe/analysis.py and
+for top-k > 1 the expert pairs that fire together. Definitions: tinymoe/analysis/stats.py and
 docs/inspect.md. `--plot DIR` also draws the load and domain x expert heatmaps.
 """
 
@@ -30,12 +30,12 @@ from tinymoe.cli.common import print_json, user_errors
 def inspect_cmd(checkpoint, data, summary_only, batch_size, max_batches, plot_dir, as_json):
     """Summarise CHECKPOINT and what its routers do: per-layer expert load, router entropy, load CV,
     dead experts, drop rate, domain x expert shares, specialization and co-activation."""
-    from tinymoe.analysis import routing_stats
-    from tinymoe.cli.eval import held_out_tokens
-    from tinymoe.loader import load_model
+    from tinymoe.analysis.stats import routing_stats
+    from tinymoe.data.prepare import held_out_tokens
+    from tinymoe.io.loader import load_model
 
     if plot_dir:
-        from tinymoe.plots import require_matplotlib
+        from tinymoe.analysis.plots import require_matplotlib
 
         require_matplotlib()  # fail before the slow part when matplotlib is missing
     model, manifest, tokenizer, ckpt = load_model(checkpoint)
@@ -52,7 +52,8 @@ def inspect_cmd(checkpoint, data, summary_only, batch_size, max_batches, plot_di
     }
     layers = []
     if not summary_only and model.moe_layers():
-        tokens, what, domain_ids, domain_names = held_out_tokens(manifest, tokenizer, data, with_domains=True)
+        held = held_out_tokens(manifest, tokenizer, data)
+        tokens, what, domain_ids, domain_names = held.tokens, held.what, held.domain_ids, held.domain_names
         routed = routing_stats(model, tokens, batch_size, cfg.context, max_batches, domain_ids, domain_names)
         layers = routed["layers"]
         summary.update(routed_on=what, routed_tokens=routed["tokens"], domains=routed["domains"],
@@ -68,7 +69,7 @@ def inspect_cmd(checkpoint, data, summary_only, batch_size, max_batches, plot_di
 
 
 def _plots(summary: dict, out: Path) -> list:
-    from tinymoe.plots import domain_expert_heatmaps, load_heatmap
+    from tinymoe.analysis.plots import domain_expert_heatmaps, load_heatmap
 
     written = [load_heatmap(summary["layers"], out / "load.png")]
     if summary["domains"]:
@@ -99,7 +100,7 @@ def _print(s):
 
 
 def _print_layer(layer: dict, domains: list) -> None:
-    from tinymoe.analysis import bar
+    from tinymoe.analysis.stats import bar
 
     E = layer["experts"]
     spec = layer["specialization"]

@@ -19,7 +19,7 @@ def plot(run, out_dir, as_json):
     """Draw RUN's training curves: loss and validation loss, router losses, per-layer load CV, lr.
 
     RUN is a run directory or its metrics.jsonl. Needs matplotlib: pip install 'tinymoe[plot]'."""
-    from tinymoe.plots import read_metrics, require_matplotlib, training_curves
+    from tinymoe.analysis.plots import read_metrics, require_matplotlib, training_curves
 
     require_matplotlib()
     records = read_metrics(run)
@@ -35,9 +35,9 @@ def plot(run, out_dir, as_json):
 
 def _moe_layers(run_dir: Path) -> list[int] | None:
     """Block indices of the MoE layers, from the run's latest checkpoint when there is one."""
-    from tinymoe import checkpoint
+    from tinymoe.io import checkpoint
     from tinymoe.errors import TinyMoeError
-    from tinymoe.loader import model_config_of
+    from tinymoe.io.loader import model_config_of
 
     try:
         ckpt = checkpoint.resolve(run_dir)

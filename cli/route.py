@@ -25,8 +25,8 @@ def route(checkpoint, text, path, gates, color, as_json):
     Texts longer than the model's context are routed in context-length chunks."""
     from pathlib import Path
 
-    from tinymoe.loader import load_model
-    from tinymoe.routing_view import route_table, route_text, token_records, use_color
+    from tinymoe.io.loader import load_model
+    from tinymoe.analysis.routing_view import route_table, route_text, token_records, use_color
 
     if (text is None) == (path is None):
         raise UserError("give the text to route with --text or --file (one of them)")

@@ -40,13 +40,13 @@ from tinymoe.cli.common import UserError, print_json, user_errors
 def sample(checkpoint, prompt, max_tokens, temperature, top_k, top_p, seed, dispatch, show_routing, layer,
            color, as_json, resident_experts=None):
     """Generate text from CHECKPOINT (a checkpoint or run directory)."""
-    from tinymoe.loader import load_model
-    from tinymoe.router_config import require_causal
-    from tinymoe.sample import generate
+    from tinymoe.io.loader import load_model
+    from tinymoe.nn.router_config import require_causal
+    from tinymoe.infer.sample import generate
 
     caches = None
     if resident_experts is not None:
-        from tinymoe.offload import load_model_offloaded
+        from tinymoe.infer.offload import load_model_offloaded
 
         if show_routing:  # the offloaded layers see renumbered expert ids
             raise UserError("--resident-experts cannot be combined with --show-routing")
@@ -81,7 +81,7 @@ def sample(checkpoint, prompt, max_tokens, temperature, top_k, top_p, seed, disp
     tok_s = len(generated) / seconds if seconds > 0 else 0.0
     stats = None
     if caches is not None:
-        from tinymoe.offload import cache_stats
+        from tinymoe.infer.offload import cache_stats
 
         stats = cache_stats(caches)
     if as_json:
@@ -107,8 +107,8 @@ def pick_layer(model, layer: int | None) -> int:
 
 
 def _sample_routed(model, tokenizer, prompt, prompt_ids, column, color, as_json, settings):
-    from tinymoe.routing_view import generation_routing, legend, render_text, token_records, use_color
-    from tinymoe.sample import generate
+    from tinymoe.analysis.routing_view import generation_routing, legend, render_text, token_records, use_color
+    from tinymoe.infer.sample import generate
 
     records: list = []
     start = time.perf_counter()

@@ -21,7 +21,7 @@ def selftest(as_json):
     kernel, or the pure-MLX fallback where Metal is unavailable). Exit code 0 when everything
     passes, 1 otherwise; paste the output into a bug report.
     """
-    from tinymoe import selftest as st
+    from tinymoe.nn import selftest as st
 
     report = st.run_selftest()
     if as_json:

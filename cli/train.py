@@ -146,7 +146,7 @@ def _split_sets(sets, model_over, train_over):
 
 
 def _parse_value(raw: str):
-    import tomllib
+    from tinymoe.config import tomllib  # tomli on Python 3.10
 
     try:
         return tomllib.loads(f"v = {raw}")["v"]
@@ -168,7 +168,7 @@ def _prepare_out(run_dir: Path, overwrite: bool) -> Path:
 
 def _resume(path, out, model_over, train_over, keep, quiet, as_json):
     from tinymoe.config import ModelConfig, TrainConfig, apply_overrides, from_dict, validate
-    from tinymoe.train import load_resume_state
+    from tinymoe.io.loader import load_training_state as load_resume_state
 
     state = load_resume_state(path)
     m = state["manifest"]
@@ -204,8 +204,8 @@ def _init(path, out, preset, model_over, train_over, overwrite, keep, quiet, as_
 
 
 def _run(model_cfg, train_cfg, run_dir, resume, keep, quiet, as_json, init=None):
-    from tinymoe.model import count_params
-    from tinymoe.train import Trainer
+    from tinymoe.nn.model import count_params
+    from tinymoe.train.trainer import Trainer
 
     trainer = Trainer(model_cfg, train_cfg, run_dir, resume=resume, progress=not quiet, keep=keep, init=init)
     params = count_params(trainer.model)

@@ -22,7 +22,7 @@ def validate_cmd(ctx, checkpoint, as_json):
 
     Prints one line per problem and exits 1 if there is any, 0 if the checkpoint is valid.
     """
-    from tinymoe.validate import validate_checkpoint
+    from tinymoe.io.validate import validate_checkpoint
 
     report = validate_checkpoint(checkpoint)
     if as_json:

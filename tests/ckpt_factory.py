@@ -20,7 +20,7 @@ def param_shapes(model_cfg: dict) -> dict:
     from mlx.utils import tree_flatten
 
     from tinymoe.config import ModelConfig, from_dict
-    from tinymoe.model import Model
+    from tinymoe.nn.model import Model
 
     model = Model(from_dict(ModelConfig, model_cfg, "test"), "dense")
     return {k: list(v.shape) for k, v in tree_flatten(model.parameters())}
@@ -50,7 +50,7 @@ def manifest_for(model_cfg: dict) -> dict:
 
 
 def save_version(run_dir, base: dict, model_cfg: dict, step: int, keep: int = 0):
-    from tinymoe import checkpoint
+    from tinymoe.io import checkpoint
 
     weights, opt = state(base, step)
     return checkpoint.save(run_dir, step, weights, opt, manifest_for(model_cfg), keep=keep)
@@ -60,7 +60,7 @@ def assert_is_version(ckpt, base: dict, version: int) -> None:
     """The checkpoint's weights and optimizer state are bit for bit those of save `version`."""
     import mlx.core as mx
 
-    from tinymoe import checkpoint
+    from tinymoe.io import checkpoint
 
     manifest = checkpoint.read_manifest(ckpt)
     loaded = checkpoint.load_tensors(ckpt, manifest)

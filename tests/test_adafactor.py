@@ -8,9 +8,9 @@ import pytest
 from click.testing import CliRunner
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from tinymoe.adafactor import Adafactor
+from tinymoe.optim.adafactor import Adafactor
 from tinymoe.cli.main import cli
-from tinymoe.optimizers import make_optimizer
+from tinymoe.optim.factory import make_optimizer
 
 E, R, C = 3, 4, 5
 EXPERTS, MATRIX, VECTOR = "blocks.0.moe.experts.w_up", "blocks.0.attn.weight", "norm.weight"
@@ -147,7 +147,7 @@ def test_state_round_trip_continues_identically(tmp_path, state_dtype):
 
 def test_restoring_another_optimizers_state_is_an_error():
     from tinymoe.errors import TinyMoeError
-    from tinymoe.optimizers import SparseAdamW
+    from tinymoe.optim.sparse_adamw import SparseAdamW
 
     adamw = SparseAdamW(1e-2)
     adamw.init(_params())

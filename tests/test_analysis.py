@@ -6,8 +6,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from tinymoe.analysis import (LayerAccumulator, count_dead, load_cv, load_shares, routing_stats,
-                              specialization_score, spread_windows, token_entropy, top_pairs)
+from tinymoe.analysis.stats import LayerAccumulator, count_dead, load_cv, load_shares, routing_stats, specialization_score, spread_windows, token_entropy, top_pairs
 
 LAYER_KEYS = {"layer", "experts", "top_k", "load", "entropy", "max_entropy", "load_cv", "dead_experts",
               "tokens", "drop_rate", "coactivation", "top_pairs", "domain_expert", "expert_domain",

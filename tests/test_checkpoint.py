@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from tinymoe import checkpoint, safetensors_io
+from tinymoe.io import checkpoint, safetensors_io
 from tinymoe.errors import CheckpointError
-from tinymoe.model import Model
+from tinymoe.nn.model import Model
 
 
 def save_model(tmp_path, cfg, step=1):
@@ -26,7 +26,7 @@ def save_model(tmp_path, cfg, step=1):
 
 
 def test_round_trip_is_bit_exact_and_logits_identical(tmp_path, debug_cfg):
-    from tinymoe.loader import load_model
+    from tinymoe.io.loader import load_model
 
     model, weights, opt, path = save_model(tmp_path, debug_cfg)
     manifest = checkpoint.read_manifest(path)

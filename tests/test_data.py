@@ -8,24 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tinymoe.data import (
-    BatchSampler,
-    Document,
-    TokenData,
-    bundled_corpus_dir,
-    eval_batches,
-    read_documents,
-    split_train_val,
-    tokenize_documents,
-)
+from tinymoe.data.batches import BatchSampler, eval_batches, split_train_val
+from tinymoe.data.corpus import Document, bundled_corpus_dir, read_documents
+from tinymoe.data.tokens import TokenData, tokenize_documents
 from tinymoe.errors import TinyMoeError
-from tinymoe.tokenizer import (
-    ByteTokenizer,
-    SentencePieceTokenizer,
-    load_tokenizer,
-    parse_tokenizer_spec,
-    train_sentencepiece,
-)
+from tinymoe.tokenizers.builtin import ByteTokenizer, SentencePieceTokenizer, parse_tokenizer_spec, train_sentencepiece
+from tinymoe.tokenizers.load import load_tokenizer
 
 TRICKY_TEXT = (
     "First line.\n\n\n  two leading spaces, two trailing  \n"

@@ -4,8 +4,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from tinymoe.dispatch import BACKENDS, make_plan, run_experts
-from tinymoe.moe import MoELayer
+from tinymoe.nn.dispatch import BACKENDS, make_plan, run_experts
+from tinymoe.nn.moe import MoELayer
 
 SPARSE = [b for b in BACKENDS if b != "dense"]
 

@@ -16,9 +16,9 @@ import struct
 import pytest
 from click.testing import CliRunner
 
-from tinymoe import safetensors_io
+from tinymoe.io import safetensors_io
 from tinymoe.cli.main import cli
-from tinymoe.validate import validate_checkpoint
+from tinymoe.io.validate import validate_checkpoint
 
 
 def invoke(*args):

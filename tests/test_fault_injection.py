@@ -19,8 +19,8 @@ from collections import Counter
 from pathlib import Path
 
 import ckpt_factory as factory
-from tinymoe import checkpoint
-from tinymoe.validate import validate_checkpoint
+from tinymoe.io import checkpoint
+from tinymoe.io.validate import validate_checkpoint
 
 KILL_POINTS = 48
 TESTS_DIR = Path(__file__).resolve().parent
@@ -29,7 +29,7 @@ CHILD = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])
 import ckpt_factory as factory
-from tinymoe import checkpoint
+from tinymoe.io import checkpoint
 
 run_dir, spec, step = sys.argv[2], json.load(open(sys.argv[3])), int(sys.argv[4])
 base = factory.bases(spec["shapes"])

@@ -26,10 +26,10 @@ from hypothesis import strategies as st
 from mlx.utils import tree_flatten
 
 import ckpt_factory as factory
-from tinymoe import checkpoint, safetensors_io
+from tinymoe.io import checkpoint, safetensors_io
 from tinymoe.errors import TinyMoeError
-from tinymoe.loader import load_model
-from tinymoe.validate import validate_checkpoint
+from tinymoe.io.loader import load_model
+from tinymoe.io.validate import validate_checkpoint
 
 SMALL = {"vocab_size": 256, "d_model": 16, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1,
          "context": 8, "d_ff": 32, "moe_experts": 2, "moe_topk": 1}

@@ -122,8 +122,8 @@ def random_checkpoint(path, seed=1, tokenizer=None, **over):
     from mlx.utils import tree_flatten
 
     from tinymoe.interop.import_hf import write_checkpoint
-    from tinymoe.model import Model
-    from tinymoe.tokenizer import ByteTokenizer
+    from tinymoe.nn.model import Model
+    from tinymoe.tokenizers.builtin import ByteTokenizer
 
     cfg = dataclasses.replace(load_preset("debug")[0], **over)
     tokenizer = tokenizer or ByteTokenizer()

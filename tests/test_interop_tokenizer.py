@@ -30,7 +30,7 @@ def test_sentencepiece_tokenizer_exports_and_returns(tmp_path):
 
     from tinymoe.interop.export import export_hf
     from tinymoe.interop.import_hf import load_hf
-    from tinymoe.tokenizer import train_sentencepiece
+    from tinymoe.tokenizers.builtin import train_sentencepiece
 
     sp = train_sentencepiece([TEXT], 300)
     random_checkpoint(tmp_path / "ckpt", tokenizer=sp)
@@ -50,8 +50,8 @@ def test_foreign_sentencepiece_style_tokenizer_counts_bytes(tmp_path):
 
     from tokenizers import Tokenizer
 
-    from tinymoe.interop.hf_tokenizer import HFTokenizer, sentencepiece_tokenizer_json
-    from tinymoe.tokenizer import train_sentencepiece
+    from tinymoe.tokenizers.hf import HFTokenizer, sentencepiece_tokenizer_json
+    from tinymoe.tokenizers.builtin import train_sentencepiece
 
     text = json.dumps(sentencepiece_tokenizer_json(train_sentencepiece([TEXT], 300).model_proto))
     tok = HFTokenizer(text, 320, {"eos_token": "</s>"})

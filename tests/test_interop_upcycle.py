@@ -30,7 +30,7 @@ def test_upcycle_reproduces_the_dense_model(tmp_path):
     assert check["within_float32_noise"] and check["max_abs_logit_diff"] < 1e-4
     assert report["moe_layers"] == [1, 3]
     # Independently of the command's own check: reload the written checkpoint and compare.
-    from tinymoe.loader import load_model
+    from tinymoe.io.loader import load_model
 
     model, _, _, _ = load_model(tmp_path / "moe")
     assert model.cfg.moe_experts == 4 and model.moe_layers() == [1, 3]
@@ -46,7 +46,7 @@ def test_upcycle_reproduces_the_dense_model(tmp_path):
 @pytest.mark.parametrize("shared", [1, 3])
 def test_upcycle_with_shared_experts_still_starts_dense(tmp_path, shared):
     from tinymoe.interop.upcycle import upcycle
-    from tinymoe.loader import load_model
+    from tinymoe.io.loader import load_model
 
     cfg, weights = _dense(tmp_path)
     report = upcycle(str(tmp_path / "dense"), tmp_path / "moe", experts=4, topk=2, shared_experts=shared,
@@ -106,7 +106,7 @@ def test_upcycle_hf_llama_then_export_to_mlx_lm(tmp_path):
     pytest.importorskip("mlx_lm")
     from tinymoe.interop.export import export_hf
     from tinymoe.interop.upcycle import upcycle
-    from tinymoe.loader import load_model
+    from tinymoe.io.loader import load_model
 
     src = build_hf_dir(tmp_path / "llama", "llama")
     report = upcycle(str(src), tmp_path / "moe", experts=4, topk=2, context=64)

@@ -2,7 +2,7 @@
 and the Metal/CUDA kernel bodies compiled as C++ and run over their whole grid.
 
 No Metal or CUDA device is needed. The C++ emulator pastes the exact source strings exported by
-`tinymoe.kernels.dispatch` into functions whose signatures mirror what MLX generates, maps the
+`tinymoe.nn.kernels.dispatch` into functions whose signatures mirror what MLX generates, maps the
 Metal qualifiers and thread builtins onto plain C++, and launches the body once per thread of a
 grid rounded up to whole threadgroups (as CUDA does; Metal would trim it), with sentinel padding
 after every buffer so an out-of-bounds write fails the test. Mutated copies of the sources must
@@ -16,7 +16,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from tinymoe.kernels import dispatch as kd
+from tinymoe.nn.kernels import dispatch as kd
 
 # (id, T, K, E, D, routing): edge cases of the dispatch plan and of the grid.
 CASES = [

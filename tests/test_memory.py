@@ -16,8 +16,8 @@ def _save(tmp_path, dtype: str):
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from tinymoe import checkpoint
-    from tinymoe.model import Model
+    from tinymoe.io import checkpoint
+    from tinymoe.nn.model import Model
 
     mx.random.seed(3)
     weights = {k: v.astype(getattr(mx, dtype)) for k, v in tree_flatten(Model(_cfg(), "dense").parameters())}
@@ -42,8 +42,8 @@ def ckpt(tmp_path_factory):
 def test_mapped_load_is_bit_identical_to_plain_load(tmp_path, dtype):
     from mlx.utils import tree_flatten
 
-    from tinymoe.loader import load_model
-    from tinymoe.mmap_experts import load_model_mapped
+    from tinymoe.io.loader import load_model
+    from tinymoe.io.mmap_experts import load_model_mapped
 
     path = _save(tmp_path, dtype)
     plain = dict(tree_flatten(load_model(path, "dense")[0].parameters()))
@@ -55,8 +55,8 @@ def test_mapped_load_is_bit_identical_to_plain_load(tmp_path, dtype):
 
 
 def test_one_mapped_expert_is_that_slice(ckpt):
-    from tinymoe import checkpoint
-    from tinymoe.mmap_experts import MappedExperts
+    from tinymoe.io import checkpoint
+    from tinymoe.io.mmap_experts import MappedExperts
 
     plain = checkpoint.load_tensors(ckpt, checkpoint.read_manifest(ckpt), ("experts.safetensors",))
     mapped = MappedExperts(ckpt, checkpoint.read_manifest(ckpt))
@@ -70,7 +70,7 @@ def test_mapped_open_rejects_a_changed_header(ckpt, tmp_path):
     import shutil
 
     from tinymoe.errors import CheckpointError
-    from tinymoe.mmap_experts import open_mapped
+    from tinymoe.io.mmap_experts import open_mapped
 
     bad = tmp_path / "bad"
     shutil.copytree(ckpt, bad)
@@ -84,9 +84,9 @@ def test_mapped_open_rejects_a_changed_header(ckpt, tmp_path):
 @pytest.mark.parametrize("dispatch", ["grouped", "gather"])
 @pytest.mark.parametrize("resident", [1, 3])
 def test_offloaded_sampling_gives_identical_tokens(ckpt, dispatch, resident):
-    from tinymoe.loader import load_model
-    from tinymoe.offload import cache_stats, load_model_offloaded
-    from tinymoe.sample import generate
+    from tinymoe.io.loader import load_model
+    from tinymoe.infer.offload import cache_stats, load_model_offloaded
+    from tinymoe.infer.sample import generate
 
     prompt = list(b"The experts are")
     full = load_model(ckpt, dispatch)[0]

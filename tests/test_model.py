@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from tinymoe.config import ModelConfig
-from tinymoe.model import Model, count_params
+from tinymoe.nn.model import Model, count_params
 
 
 def make_model(cfg, dispatch="dense", seed=0):

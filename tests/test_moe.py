@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from tinymoe.moe import MoELayer, router_losses
+from tinymoe.nn.moe import MoELayer, router_losses
 
 
 def silu(v):

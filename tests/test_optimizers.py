@@ -11,9 +11,12 @@ import pytest
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from tinymoe.config import TrainConfig, load_preset
-from tinymoe.model import Model
-from tinymoe.optimizers import SparseAdamW, make_optimizer
-from tinymoe.train import Trainer, load_resume_state, lr_schedule
+from tinymoe.nn.model import Model
+from tinymoe.optim.factory import make_optimizer
+from tinymoe.optim.sparse_adamw import SparseAdamW
+from tinymoe.io.loader import load_training_state as load_resume_state
+from tinymoe.train.schedule import lr_schedule
+from tinymoe.train.trainer import Trainer
 
 E = 4
 

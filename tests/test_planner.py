@@ -15,7 +15,7 @@ BUILDABLE_PARAMS = 50_000_000  # larger presets are checked through a scaled-dow
 
 
 def _actual(cfg):
-    from tinymoe.model import Model, count_params
+    from tinymoe.nn.model import Model, count_params
 
     return count_params(Model(cfg, "dense"))
 
@@ -46,7 +46,7 @@ def test_param_counts_for_layer_patterns(overrides):
     assert (got.total, got.active) == (want["total"], want["active"])
 
 
-@pytest.mark.parametrize("router", __import__("tinymoe.router_config", fromlist=["ROUTERS"]).ROUTERS)
+@pytest.mark.parametrize("router", __import__("tinymoe.nn.router_config", fromlist=["ROUTERS"]).ROUTERS)
 def test_param_counts_for_every_router_with_shared_experts(router):
     cfg = dataclasses.replace(load_preset("debug")[0], moe_experts=6, moe_topk=2, router=router, shared_experts=2,
                               k_max=3)
@@ -114,8 +114,8 @@ def test_adafactor_state_bytes_equal_the_optimizer(overrides, state_dtype):
     import mlx.core as mx
     from mlx.utils import tree_flatten, tree_map
 
-    from tinymoe.adafactor import Adafactor
-    from tinymoe.model import Model
+    from tinymoe.optim.adafactor import Adafactor
+    from tinymoe.nn.model import Model
 
     cfg = dataclasses.replace(load_preset("debug")[0], **overrides)
     model = Model(cfg, "dense")

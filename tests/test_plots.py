@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from tinymoe.cli.main import cli
 from tinymoe.errors import TinyMoeError
-from tinymoe.plots import curves, read_metrics
+from tinymoe.analysis.plots import curves, read_metrics
 
 PNG = b"\x89PNG\r\n\x1a\n"
 LAYERS = [
@@ -51,7 +51,7 @@ def test_read_metrics_errors(tmp_path):
 
 def test_missing_matplotlib_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
-    from tinymoe.plots import load_heatmap
+    from tinymoe.analysis.plots import load_heatmap
 
     with pytest.raises(TinyMoeError, match=r"plots need matplotlib: pip install 'tinymoe\[plot\]'"):
         load_heatmap(LAYERS, tmp_path / "x.png")
@@ -67,7 +67,7 @@ def assert_png(path):
 
 def test_heatmaps_are_written(tmp_path):
     pytest.importorskip("matplotlib")
-    from tinymoe.plots import domain_expert_heatmaps, load_heatmap
+    from tinymoe.analysis.plots import domain_expert_heatmaps, load_heatmap
 
     assert_png(load_heatmap(LAYERS, tmp_path / "load.png"))
     assert_png(domain_expert_heatmaps(LAYERS, ["code", "prose"], tmp_path / "sub" / "de.png"))

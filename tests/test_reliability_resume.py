@@ -16,8 +16,9 @@ from mlx.utils import tree_map
 
 from tinymoe.cli.main import cli
 from tinymoe.config import TrainConfig, load_preset
-from tinymoe.data import bundled_corpus_dir
-from tinymoe.train import Trainer, load_resume_state
+from tinymoe.data.corpus import bundled_corpus_dir
+from tinymoe.io.loader import load_training_state as load_resume_state
+from tinymoe.train.trainer import Trainer
 
 
 @pytest.fixture(scope="module")

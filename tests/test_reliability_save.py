@@ -12,9 +12,9 @@ import subprocess
 import pytest
 
 import ckpt_factory as factory
-from tinymoe import checkpoint, safetensors_io
+from tinymoe.io import checkpoint, safetensors_io
 from tinymoe.errors import CheckpointError
-from tinymoe.validate import validate_checkpoint
+from tinymoe.io.validate import validate_checkpoint
 
 SMALL = {"vocab_size": 256, "d_model": 16, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1,
          "context": 8, "d_ff": 32, "moe_experts": 2, "moe_topk": 1}

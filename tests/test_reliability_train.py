@@ -15,14 +15,16 @@ import pytest
 from click.testing import CliRunner
 from mlx.utils import tree_flatten, tree_map
 
-from tinymoe import checkpoint
+from tinymoe.io import checkpoint
 from tinymoe.cli.main import cli
 from tinymoe.config import TrainConfig, load_preset
 from tinymoe.errors import TinyMoeError
-from tinymoe.model import Model
-from tinymoe.monitor import HealthMonitor
-from tinymoe.train import Stepper, Trainer, load_resume_state
-from tinymoe.validate import validate_checkpoint
+from tinymoe.nn.model import Model
+from tinymoe.train.monitor import HealthMonitor
+from tinymoe.io.loader import load_training_state as load_resume_state
+from tinymoe.train.step import Stepper
+from tinymoe.train.trainer import Trainer
+from tinymoe.io.validate import validate_checkpoint
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from tinymoe.cli.main import cli
-from tinymoe.routing_view import SUBSCRIPT, paint, use_color
+from tinymoe.analysis.routing_view import SUBSCRIPT, paint, use_color
 
 ESC = "\x1b["
 

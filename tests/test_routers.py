@@ -8,13 +8,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from tinymoe.capacity import apply_capacity, expert_capacity
+from tinymoe.nn.capacity import apply_capacity, expert_capacity
 from tinymoe.config import load_preset, validate
 from tinymoe.errors import TinyMoeError
-from tinymoe.model import Model
-from tinymoe.moe import MoELayer
-from tinymoe.routers import make_router, router_losses
-from tinymoe.sample import generate
+from tinymoe.nn.model import Model
+from tinymoe.nn.moe import MoELayer
+from tinymoe.nn.routers import make_router, router_losses
+from tinymoe.infer.sample import generate
 
 
 def with_logits(router, logits):
@@ -180,7 +180,7 @@ def test_expert_choice_each_expert_takes_its_top_tokens():
     assert np.allclose(np.array(gates), p * np.array(info["selected"]), atol=1e-6)
     assert info["balance_loss"].item() == pytest.approx(1.0, abs=1e-6)  # balanced by construction
     # The expert pass equals the dense reference with these (T, E) gates.
-    from tinymoe.dispatch import dense
+    from tinymoe.nn.dispatch import dense
 
     e = layer.experts
     y, stats = layer(x)
@@ -285,8 +285,8 @@ def test_bad_router_settings_are_one_line_errors(change, message):
 def test_shared_experts_are_always_active_and_named_for_model_safetensors():
     from mlx.utils import tree_flatten
 
-    from tinymoe.checkpoint import is_expert_tensor
-    from tinymoe.model import count_params
+    from tinymoe.io.checkpoint import is_expert_tensor
+    from tinymoe.nn.model import count_params
 
     base, _ = load_preset("debug")
     plain, shared = Model(base, "dense"), Model(dataclasses.replace(base, shared_experts=2), "dense")

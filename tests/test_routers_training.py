@@ -13,8 +13,9 @@ from click.testing import CliRunner
 
 from tinymoe.cli.main import cli
 from tinymoe.config import TrainConfig, load_preset
-from tinymoe.moe import MoELayer
-from tinymoe.train import Trainer, load_resume_state
+from tinymoe.nn.moe import MoELayer
+from tinymoe.io.loader import load_training_state as load_resume_state
+from tinymoe.train.trainer import Trainer
 
 
 def collapsed_run(router: str, aux_weight: float, steps: int = 120, **options) -> float:
@@ -162,8 +163,8 @@ def test_cli_rejects_an_unknown_router_and_misplaced_options(tmp_path):
 
 
 def test_compiled_step_draws_noise_from_the_step_key():
-    from tinymoe.model import Model
-    from tinymoe.train import Stepper
+    from tinymoe.nn.model import Model
+    from tinymoe.train.step import Stepper
 
     cfg, tr = load_preset("debug")
     cfg = type(cfg)(**{**cfg.__dict__, "router": "noisy", "noise_scale": 3.0})

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from mlx.utils import tree_map
 
-from tinymoe.model import Model
-from tinymoe.sample import generate, generate_uncached, pick_token
+from tinymoe.nn.model import Model
+from tinymoe.infer.sample import generate, generate_uncached, pick_token
 
 
 @pytest.mark.parametrize("experts", [1, 4])

@@ -5,9 +5,9 @@ import json
 import mlx.core as mx
 from click.testing import CliRunner
 
-from tinymoe import dispatch, selftest
+from tinymoe.nn import dispatch, selftest
 from tinymoe.cli.main import cli
-from tinymoe.kernels import dispatch as kd
+from tinymoe.nn.kernels import dispatch as kd
 
 
 def test_every_backend_and_kernel_op_passes_and_is_reported():

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 from tinymoe.config import ModelConfig, TrainConfig, load_preset
-from tinymoe.model import Model
-from tinymoe.train import Trainer, load_resume_state, lr_schedule
+from tinymoe.nn.model import Model
+from tinymoe.io.loader import load_training_state as load_resume_state
+from tinymoe.train.schedule import lr_schedule
+from tinymoe.train.trainer import Trainer
 
 
 @pytest.fixture
@@ -110,7 +112,7 @@ def test_compiled_step_equals_eager_step(debug_cfg, experts, dispatch):
     """A model without MoE layers compiles whatever the dispatch (`grouped` is the CPU default);
     compiled and eager steps give the same losses. Two distinct empty per-layer statistics among
     the compiled outputs used to crash mx.compile for dense models."""
-    from tinymoe.train import Stepper
+    from tinymoe.train.step import Stepper
 
     debug_cfg.moe_experts = experts
     _, train = load_preset("debug")

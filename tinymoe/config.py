@@ -20,7 +20,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from tinymoe.errors import TinyMoeError
-from tinymoe.router_config import check_router
+from tinymoe.nn.router_config import check_router
 
 
 @dataclass
@@ -45,7 +45,7 @@ class ModelConfig:
     router_norm: bool = True  # renormalise the top-k gates to sum to 1
     aux_loss_weight: float = 0.01  # Switch load-balancing loss
     z_loss_weight: float = 0.001  # router z-loss (ST-MoE)
-    # Routers and balancing (docs/routers.md; tinymoe.router_config says which router reads what).
+    # Routers and balancing (docs/routers.md; tinymoe.nn.router_config says which router reads what).
     router: str = "topk"  # topk switch noisy jitter sigmoid-bias expert-choice smart dynamic
     router_order: str = "softmax-topk"  # or topk-softmax (Mixtral: softmax over the k logits)
     noise_scale: float = 1.0  # noisy: scale of the learned-std Gaussian logit noise (0 = none)
@@ -103,7 +103,7 @@ class TrainConfig:
     max_bad_steps: int = 5  # stop after this many consecutive non-finite (skipped) steps
     spike_factor: float = 3.0  # log a loss above this x the recent mean as a spike; 0 = off
     spike_window: int = 20  # steps in that recent mean
-    optimizer: str = "adamw"  # adamw | sparse-adamw | adafactor (lazy per-expert state, tinymoe.optimizers)
+    optimizer: str = "adamw"  # adamw | sparse-adamw | adafactor (lazy per-expert state, tinymoe.optim)
     optimizer_state_dtype: str = "float32"  # float32 | bfloat16 (sparse-adamw and adafactor only)
 
 
@@ -217,7 +217,7 @@ def validate(model: ModelConfig, train: TrainConfig | None = None) -> None:
     if train.optimizer == "adamw" and train.optimizer_state_dtype != "float32":
         raise TinyMoeError("optimizer_state_dtype bfloat16 needs optimizer sparse-adamw or adafactor "
                            "(adamw keeps float32 moments)")
-    from tinymoe.dispatch import BACKENDS  # no MLX import at module level there
+    from tinymoe.nn.dispatch import BACKENDS  # no MLX import at module level there
 
     if train.dispatch not in ("auto", *BACKENDS):
         raise TinyMoeError(f"unknown dispatch '{train.dispatch}' (choose from auto, {', '.join(BACKENDS)})")

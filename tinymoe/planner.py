@@ -26,7 +26,7 @@ Memory model (bytes; every figure is an estimate except the parameter counts):
                  logits; assumes a sparse dispatch backend (grouped/gather: K experts per token)
 Sampling needs the weights (only `resident_experts` experts per MoE layer when offloading) and
 the KV cache, no gradients or optimizer state; offloading adds the prefill's working set
-(tinymoe.offload: a prompt may touch more experts than the cache keeps).
+(tinymoe.infer.offload: a prompt may touch more experts than the cache keeps).
 
 The verdict compares the total with a usable budget: by default 75% of the machine's memory,
 which is Metal's default GPU working-set limit (`recommendedMaxWorkingSetSize`) on Apple
@@ -71,7 +71,7 @@ def _shared_expert_params(cfg: ModelConfig) -> int:
 
 
 def _router_params(cfg: ModelConfig) -> int:
-    """The router's weight (E, D) plus what some routers add (tinymoe.routers)."""
+    """The router's weight (E, D) plus what some routers add (tinymoe.nn.routers)."""
     extra = {"noisy": cfg.moe_experts * cfg.d_model,  # learned noise scale per expert
              "smart": 1,  # learned temperature
              "sigmoid-bias": cfg.moe_experts}  # balancing bias (frozen, but stored)
@@ -108,7 +108,7 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
 
 
 def _adafactor_state_elements(cfg: ModelConfig, expert_state_fraction: float) -> float:
-    """Statistics tinymoe.adafactor keeps: rows + cols per trainable matrix, every element of a
+    """Statistics tinymoe.optim.adafactor keeps: rows + cols per trainable matrix, every element of a
     vector. Not counted: the step counters (4 bytes per expert and expert tensor)."""
     d, h, dh = cfg.d_model, cfg.expert_d_ff, cfg.head_dim
     q, kv = cfg.n_heads * dh, cfg.n_kv_heads * dh

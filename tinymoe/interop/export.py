@@ -61,9 +61,9 @@ def export_hf(checkpoint: str, out: Path, arch: str | None = None, overwrite: bo
     from mlx.utils import tree_flatten
 
     from tinymoe.interop.hf_config import choose_arch, hf_config_from_model
-    from tinymoe.interop.hf_tokenizer import write_tokenizer_files
+    from tinymoe.tokenizers.hf import write_tokenizer_files
     from tinymoe.interop.hf_weights import to_hf
-    from tinymoe.loader import load_model
+    from tinymoe.io.loader import load_model
 
     model, manifest, tokenizer, ckpt = load_model(checkpoint)
     cfg = model.cfg

@@ -155,7 +155,7 @@ def _temperature(log_t):
     """The smart router's temperature, clipped as the router clips it."""
     import mlx.core as mx
 
-    from tinymoe.routers import LOG_TEMPERATURE_RANGE
+    from tinymoe.nn.routers import LOG_TEMPERATURE_RANGE
 
     return mx.exp(mx.clip(log_t.astype(mx.float32), *LOG_TEMPERATURE_RANGE))
 
@@ -292,7 +292,7 @@ def check_shapes(cfg: ModelConfig, weights: dict, where: str) -> None:
     """Every tensor a tinymoe Model of `cfg` expects is present with its shape, and no other."""
     from mlx.utils import tree_flatten
 
-    from tinymoe.model import Model
+    from tinymoe.nn.model import Model
 
     expected = {k: v.shape for k, v in tree_flatten(Model(cfg, "dense").parameters())}  # lazy, never evaluated
     missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))

@@ -20,7 +20,7 @@ from tinymoe.errors import TinyMoeError
 def load_hf(directory: Path, context: int | None = None) -> dict:
     """{"cfg", "weights" (tinymoe names, float32 mx arrays), "tokenizer", "arch", "source"}."""
     from tinymoe.interop import hf_config_read, hf_weights
-    from tinymoe.interop.hf_tokenizer import read_hf_tokenizer
+    from tinymoe.tokenizers.hf import read_hf_tokenizer
 
     directory = Path(directory)
     where = str(directory)
@@ -46,7 +46,7 @@ def load_source(source: str, context: int | None = None) -> dict:
 
         from mlx.utils import tree_flatten
 
-        from tinymoe.loader import load_model
+        from tinymoe.io.loader import load_model
 
         model, manifest, tokenizer, ckpt = load_model(path)
         cfg = model.cfg if context is None else dataclasses.replace(model.cfg, context=context)
@@ -94,7 +94,7 @@ def prepare_out(out: Path, overwrite: bool) -> None:
 def write_checkpoint(out: Path, cfg: ModelConfig, weights: dict, tokenizer, provenance: dict,
                      overwrite: bool = False) -> Path:
     """Step 0 of run directory `out`: weights, model config, tokenizer; no optimizer state."""
-    from tinymoe import checkpoint
+    from tinymoe.io import checkpoint
 
     out = Path(out)
     prepare_out(out, overwrite)

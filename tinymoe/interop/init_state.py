@@ -31,7 +31,7 @@ def run_dir_of(ckpt: Path) -> Path:
 
 def weights_only_run_dir(path: str) -> Path | None:
     """The run directory of `path` when its checkpoint has no training state, else None."""
-    from tinymoe import checkpoint
+    from tinymoe.io import checkpoint
 
     ckpt = checkpoint.resolve(path)
     manifest = checkpoint.read_manifest(ckpt)
@@ -43,7 +43,7 @@ def load_init_state(path: str, model_over: dict):
     from mlx.utils import tree_flatten
 
     from tinymoe.config import apply_overrides, validate
-    from tinymoe.loader import load_model
+    from tinymoe.io.loader import load_model
 
     fixed = sorted(k for k in model_over if k not in INIT_MAY_CHANGE)
     model, _, tokenizer, ckpt = load_model(path)

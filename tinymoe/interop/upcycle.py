@@ -103,7 +103,7 @@ def build_model(cfg: ModelConfig, weights: dict, dispatch: str = "auto"):
     import mlx.core as mx
     from mlx.utils import tree_unflatten
 
-    from tinymoe.model import Model
+    from tinymoe.nn.model import Model
 
     model = Model(cfg, dispatch)
     model.update(tree_unflatten(list(weights.items())))

@@ -1,6 +1,6 @@
 """Expert offloading for sampling: at most N experts per MoE layer in memory, LRU, from a map.
 
-`load_model_offloaded` opens a checkpoint with its experts memory-mapped (tinymoe.mmap_experts)
+`load_model_offloaded` opens a checkpoint with its experts memory-mapped (tinymoe.io.mmap_experts)
 and replaces each MoE layer's router with `OffloadRouter`. That wrapper runs the real router,
 reads the chosen expert ids on the host, makes sure those experts are in the layer's
 `ExpertCache` (copying a missing one out of the mapped file), stacks them in increasing id order
@@ -9,7 +9,7 @@ layer then runs its usual dispatch backend on the small stack.
 
 Why the results are identical to the fully loaded model: the renumbering keeps the experts'
 order, so the dispatch plan (tokens sorted by expert) groups exactly the same tokens in the same
-order, and every expert computes on the same bytes. tests/test_memory_offload.py checks the
+order, and every expert computes on the same bytes. tests/test_memory.py checks the
 tokens. The router losses are computed inside the real router from the real ids.
 
 Refused for expert-choice routing and for an eval-mode expert capacity: both depend on the
@@ -84,7 +84,7 @@ class OffloadRouter(nn.Module):
 def load_model_offloaded(path, resident_experts: int, dispatch: str = "auto", verify_hashes: bool = False):
     """(model, manifest, tokenizer, ckpt, caches) with at most `resident_experts` experts per
     MoE layer resident between forward calls; caches: block index -> ExpertCache."""
-    from tinymoe.mmap_experts import open_mapped
+    from tinymoe.io.mmap_experts import open_mapped
 
     if resident_experts < 1:
         raise TinyMoeError(f"--resident-experts must be at least 1, got {resident_experts}")

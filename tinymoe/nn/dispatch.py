@@ -12,7 +12,7 @@ a contiguous segment of the sorted rows.
   grouped  one ordinary matmul per non-empty expert segment (fast on CPU with a real BLAS), with
            a hand-written backward whose weight gradients are `mx.segmented_mm`s. The segment
            lengths are read on the host, so a step using it cannot be `mx.compile`d.
-  metal    the fused gather/combine kernels of tinymoe.kernels + sorted gather_mm; on a machine
+  metal    the fused gather/combine kernels of tinymoe.nn.kernels + sorted gather_mm; on a machine
            without Metal the kernels fall back to their pure-MLX references.
 """
 
@@ -94,7 +94,7 @@ def _gather_mm_experts(xs_N1D, plan, w_gate, w_up, w_down):
 
 
 def grouped(x_TD, indices_TK, gates_TK, w_gate, w_up, w_down):
-    from tinymoe.kernels import dispatch as kernels
+    from tinymoe.nn.kernels import dispatch as kernels
 
     K = indices_TK.shape[1]
     plan = make_plan(indices_TK, w_gate.shape[0])
@@ -187,7 +187,7 @@ def _segment_swiglu(counts: list[int]):
 
 
 def metal(x_TD, indices_TK, gates_TK, w_gate, w_up, w_down):
-    from tinymoe.kernels import dispatch as kernels
+    from tinymoe.nn.kernels import dispatch as kernels
 
     K = indices_TK.shape[1]
     plan = make_plan(indices_TK, w_gate.shape[0])

@@ -1,7 +1,7 @@
 """The Mixture-of-Experts FFN: a router, stacked SwiGLU experts, optional shared experts, capacity.
 
 Shapes: T tokens (batch and sequence flattened), D model width, E experts, K slots per token,
-H expert hidden width. The routers (tinymoe.routers) run in float32 whatever the model dtype, and
+H expert hidden width. The routers (tinymoe.nn.routers) run in float32 whatever the model dtype, and
 their top-k indices are wrapped in `stop_gradient`: only gate values carry gradient back.
 
 A layer returns (y, stats) with the router's losses summed by the model (`LAYER_LOSSES`, each with
@@ -24,9 +24,9 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from tinymoe.capacity import apply_capacity, expert_capacity, expert_choice_experts
-from tinymoe.dispatch import run_experts
-from tinymoe.routers import TopKRouter, make_router, router_losses  # noqa: F401 (public names)
+from tinymoe.nn.capacity import apply_capacity, expert_capacity, expert_choice_experts
+from tinymoe.nn.dispatch import run_experts
+from tinymoe.nn.routers import TopKRouter, make_router, router_losses  # noqa: F401 (public names)
 
 LAYER_LOSSES = ("balance_loss", "z_loss", "entropy_loss")
 LAYER_STATS = ("load", "drop_rate", "mean_k")
@@ -88,7 +88,7 @@ class MoELayer(nn.Module):
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
         T = x_TD.shape[0]
-        # Without a key, the plain one-argument call (wrappers such as tinymoe.offload's take x only).
+        # Without a key, the plain one-argument call (wrappers such as tinymoe.infer.offload's take x only).
         indices, gates, info, probs = self.router(x_TD) if key is None else self.router(x_TD, key)
         kept = info.get("selected")  # (T, K) or None: every slot used
         e = self.experts

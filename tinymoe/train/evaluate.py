@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from tinymoe.data import eval_batches
+from tinymoe.data.batches import eval_batches
 
 
 def evaluate(model, tokens: np.ndarray, byte_lengths: np.ndarray, batch_size: int, context: int,

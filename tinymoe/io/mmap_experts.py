@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tinymoe import checkpoint
+from tinymoe.io import checkpoint
 from tinymoe.errors import CheckpointError
 
 EXPERTS_FILE = "experts.safetensors"
@@ -98,13 +98,13 @@ def open_mapped(path: str | Path, dispatch: str = "auto", verify_hashes: bool = 
 
     The model's expert parameters are left as MLX's lazy, never-evaluated initialisers (they
     cost nothing until evaluated); the caller either replaces them (`load_model_mapped`) or
-    serves experts on demand (tinymoe.offload).
+    serves experts on demand (tinymoe.infer.offload).
     """
     import mlx.core as mx
     from mlx.utils import tree_unflatten
 
-    from tinymoe.loader import open_checkpoint
-    from tinymoe.tokenizer import load_tokenizer
+    from tinymoe.io.loader import open_checkpoint
+    from tinymoe.tokenizers.load import load_tokenizer
 
     ckpt, manifest, cfg, model = open_checkpoint(path, dispatch)
     # Checks every listed file (hashes only when asked), then reads the small non-expert file.

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tinymoe import checkpoint
+from tinymoe.io import checkpoint
 from tinymoe.errors import CheckpointError, TinyMoeError
 
 
@@ -41,8 +41,8 @@ def validate_checkpoint(path: str | Path) -> dict:
 def _model_problems(ckpt: Path, manifest: dict) -> list[str]:
     """Weights vs the model config, optimizer moments vs weights, tokenizer vs vocabulary."""
     from tinymoe.config import TrainConfig, from_dict
-    from tinymoe.loader import model_config_of, model_for_index
-    from tinymoe.tokenizer import load_tokenizer
+    from tinymoe.io.loader import model_config_of, model_for_index
+    from tinymoe.tokenizers.load import load_tokenizer
 
     problems = []
     try:

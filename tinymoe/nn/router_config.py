@@ -3,7 +3,7 @@
 `config.validate` calls `check_router`, so a preset, a flag or a `--set` that names an unknown
 router, gives a router an option it does not read (e.g. `--bias-rate` with `--router topk`), or
 sets an impossible value fails with one line before any model is built. The routers themselves
-live in tinymoe.routers; docs/routers.md explains each one.
+live in tinymoe.nn.routers; docs/routers.md explains each one.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Open a checkpoint as a ready model: manifest -> config -> model -> weights -> tokenizer.
 
 Everything is checked before the model is handed out: the manifest's structure, every file's
-size and sha256, every safetensors header against the manifest (tinymoe.checkpoint), the tensor
+size and sha256, every safetensors header against the manifest (tinymoe.io.checkpoint), the tensor
 names and shapes against the model config, and the tokenizer against the vocabulary. A failed
 check raises one `CheckpointError`; nothing is half-loaded.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tinymoe import checkpoint
+from tinymoe.io import checkpoint
 from tinymoe.config import ModelConfig, from_dict, validate
 from tinymoe.errors import CheckpointError
 
@@ -20,7 +20,7 @@ def load_model(path: str | Path, dispatch: str = "auto", verify_hashes: bool = T
     import mlx.core as mx
     from mlx.utils import tree_unflatten
 
-    from tinymoe.tokenizer import load_tokenizer
+    from tinymoe.tokenizers.load import load_tokenizer
 
     ckpt, manifest, cfg, model = open_checkpoint(path, dispatch)
     weights = checkpoint.load_tensors(ckpt, manifest, ("model.safetensors", "experts.safetensors"), verify_hashes)
@@ -54,7 +54,7 @@ def model_for_index(cfg: ModelConfig, manifest: dict, ckpt: Path, dispatch: str 
     """
     from mlx.utils import tree_flatten
 
-    from tinymoe.model import Model
+    from tinymoe.nn.model import Model
 
     index = {e["name"]: e for _, e in checkpoint.entries_in(manifest, "model.safetensors")}
     index.update({e["name"]: e for _, e in checkpoint.entries_in(manifest, "experts.safetensors")})
@@ -96,7 +96,7 @@ def load_training_state(path: str | Path) -> dict:
     """{"manifest", "ckpt", "weights", "optimizer", "tokenizer"} for resuming, all checked:
     resumable manifest, weights against the model config, optimizer moments against the weights
     (frozen weights have no moments, so a missing one is not an error)."""
-    from tinymoe.tokenizer import load_tokenizer
+    from tinymoe.tokenizers.load import load_tokenizer
 
     ckpt = checkpoint.resolve(path)
     manifest = checkpoint.read_manifest(ckpt)

@@ -24,8 +24,8 @@ import mlx.core as mx
 import numpy as np
 
 from tinymoe import backend as tm_backend
-from tinymoe import dispatch
-from tinymoe.kernels import dispatch as kd
+from tinymoe.nn import dispatch
+from tinymoe.nn.kernels import dispatch as kd
 
 RTOL = 2e-4
 ATOL = 1e-5

@@ -66,7 +66,7 @@ def byte_tokenizer_json() -> dict:
 
 
 def sentencepiece_tokenizer_json(model_proto: bytes) -> dict:
-    """tokenizer.json equivalent to a tinymoe sentencepiece BPE (see tinymoe.tokenizer)."""
+    """tokenizer.json equivalent to a tinymoe sentencepiece BPE (see tinymoe.tokenizers.builtin)."""
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_proto=model_proto)
@@ -119,7 +119,7 @@ def _check_encoding(tokenizer, text: str) -> bool | None:
         from tokenizers import Tokenizer
     except ImportError:
         return None
-    from tinymoe.data import bundled_corpus_dir
+    from tinymoe.data.corpus import bundled_corpus_dir
 
     files = sorted(Path(bundled_corpus_dir()).rglob("*.txt"))
     sample = "".join(f.read_text(encoding="utf-8")[:4000] for f in files[:4]) + " héllo ✓ \t\t 𝔘\n\n  x"
@@ -189,7 +189,7 @@ class HFTokenizer:
 
 
 def load_hf_tokenizer(entry: dict, ckpt_dir: Path) -> HFTokenizer:
-    """The kind "hf" tokenizer a manifest entry describes (called by tinymoe.tokenizer)."""
+    """The kind "hf" tokenizer a manifest entry describes (called by tinymoe.tokenizers.load)."""
     path = Path(ckpt_dir) / entry.get("file", HFTokenizer.file_name)
     if not path.is_file():
         raise TinyMoeError(f"{path}: tokenizer file is missing (the manifest says kind 'hf')")
@@ -215,7 +215,7 @@ def read_hf_tokenizer(directory: Path, vocab_size: int):
     """The tokenizer of an HF directory: tinymoe's own kind when the directory is a tinymoe
     export, else kind "hf" from tokenizer.json (or converted by transformers when only a slow
     tokenizer is present)."""
-    from tinymoe.tokenizer import ByteTokenizer, SentencePieceTokenizer
+    from tinymoe.tokenizers.builtin import ByteTokenizer, SentencePieceTokenizer
 
     directory = Path(directory)
     config_path = directory / "tokenizer_config.json"

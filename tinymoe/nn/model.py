@@ -6,7 +6,7 @@ length, D model width, V vocabulary, Hq/Hkv query/key-value heads, Dh head width
 
 `Model.__call__` returns (logits (B, L, V), aux) where aux holds the router losses summed over
 MoE layers (balance_loss, z_loss, entropy_loss) and per MoE layer its load (share of kept slots
-per expert), drop_rate and mean_k (tinymoe.moe), so the trainer can log them. Parameter names are stable checkpoint names: `blocks.3.moe.experts.w_up` and so on.
+per expert), drop_rate and mean_k (tinymoe.nn.moe), so the trainer can log them. Parameter names are stable checkpoint names: `blocks.3.moe.experts.w_up` and so on.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from tinymoe.config import ModelConfig
-from tinymoe.dispatch import resolve_backend
-from tinymoe.moe import LAYER_LOSSES, LAYER_STATS, MoELayer, SwiGLU
+from tinymoe.nn.dispatch import resolve_backend
+from tinymoe.nn.moe import LAYER_LOSSES, LAYER_STATS, MoELayer, SwiGLU
 
 
 class KVCache:

@@ -14,7 +14,7 @@ complete checkpoint that `resolve` finds; hidden leftovers of a crash are remove
 save. A write that fails (disk full, read-only) removes its temporary directory and raises a
 one-line `CheckpointError`; the previous checkpoint is untouched.
 
-Loading (`load_tensors`) checks the manifest's structure (tinymoe.manifest), every file's size
+Loading (`load_tensors`) checks the manifest's structure (tinymoe.io.manifest), every file's size
 and sha256, and every safetensors header against the manifest before `mx.load` reads a byte, and
 returns nothing unless everything is consistent.
 """
@@ -29,9 +29,9 @@ import shutil
 import time
 from pathlib import Path
 
-from tinymoe import safetensors_io
+from tinymoe.io import safetensors_io
 from tinymoe.errors import CheckpointError
-from tinymoe.manifest import FILES, FORMAT_NAME, FORMAT_VERSION, entries_in, read_manifest  # noqa: F401
+from tinymoe.io.manifest import FILES, FORMAT_NAME, FORMAT_VERSION, entries_in, read_manifest  # noqa: F401
 
 _STEP_NAME = re.compile(r"step-(\d+)")
 # Hidden leftovers: .step-N.tmp-PID (being written), .old-PID (replaced), .del-PID (being deleted).

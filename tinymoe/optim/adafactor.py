@@ -20,7 +20,7 @@ relative step min(1e-2, 1/sqrt(t)) x RMS(W): `--lr` means a per-element step as 
 AdamW (a clipped update has RMS <= 1), so the same presets work.
 
 Expert tensors (names containing `.moe.experts.`, shape (E, R, C)) follow SparseAdamW's rule
-(tinymoe.optimizers): each expert slice is its own matrix with its own r (R,), c (C,) and t,
+(tinymoe.optim.lazy): each expert slice is its own matrix with its own r (R,), c (C,) and t,
 created the first time its gradient slice is not all zero; an idle expert is left completely
 alone (no statistics decay, no weight decay, no update, its t does not advance). Every other
 weight is also Adafactor (factored when it has 2 or more dims) with t = the optimizer's step.
@@ -39,7 +39,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from tinymoe.errors import TinyMoeError
-from tinymoe.optimizers import STATE_DTYPES, LazyExpertOptimizer, is_expert_param
+from tinymoe.optim.lazy import STATE_DTYPES, LazyExpertOptimizer, is_expert_param
 
 EPS1 = 1e-30  # added to G^2: keeps the statistics of an all-zero row or column positive
 CLIP_THRESHOLD = 1.0  # d: the largest RMS an update may have

@@ -19,7 +19,7 @@ returns `(indices (T, K), gates (T, K), info, probs (T, E))`; `info` holds its l
   dynamic        the fewest experts (k_min..k_max) whose probabilities reach a threshold.
 
 Randomness (noise, jitter) is drawn only in training mode and only from the `key` passed in, so a
-resumed run reproduces an uninterrupted one (tinymoe.train derives keys from seed and step).
+resumed run reproduces an uninterrupted one (tinymoe.train.step derives keys from seed and step).
 """
 
 from __future__ import annotations
@@ -250,7 +250,7 @@ class ExpertChoiceRouter(Router):
 
 
 def make_router(name: str, d_model: int, num_experts: int, top_k: int, norm: bool = True, **opt) -> Router:
-    """The router called `name` (tinymoe.router_config.ROUTERS) with its options from `opt`
+    """The router called `name` (tinymoe.nn.router_config.ROUTERS) with its options from `opt`
     (ModelConfig field names: router_order, jitter_eps, noise_scale, ...); missing ones default."""
     order = opt.get("router_order", "softmax-topk")
     jitter = opt.get("jitter_eps", 0.01)
@@ -274,6 +274,6 @@ def make_router(name: str, d_model: int, num_experts: int, top_k: int, norm: boo
         return ExpertChoiceRouter(d_model, num_experts, top_k, opt.get("capacity_factor", 0.0),
                                   opt.get("eval_capacity_factor", 0.0))
     from tinymoe.errors import TinyMoeError
-    from tinymoe.router_config import ROUTERS
+    from tinymoe.nn.router_config import ROUTERS
 
     raise TinyMoeError(f"unknown router '{name}' (choose from: {', '.join(ROUTERS)})")

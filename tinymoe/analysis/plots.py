@@ -13,7 +13,7 @@ import json
 import math
 from pathlib import Path
 
-from tinymoe.analysis import load_cv
+from tinymoe.analysis.stats import load_cv
 from tinymoe.errors import TinyMoeError
 
 DPI = 100

@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 from tinymoe.errors import CheckpointError
-from tinymoe.safetensors_io import ITEM_BYTES, MAX_RANK
+from tinymoe.io.safetensors_io import ITEM_BYTES, MAX_RANK
 
 FORMAT_NAME = "tinymoe-checkpoint"
 FORMAT_VERSION = 1

@@ -1,0 +1,1 @@
+"""Analysis: routing statistics, per-token routing views, plots."""

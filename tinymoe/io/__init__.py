@@ -1,0 +1,1 @@
+"""Checkpoint IO: safetensors, manifest, save and resolve, the reader, validation, memory mapping."""

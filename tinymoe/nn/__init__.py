@@ -1,0 +1,1 @@
+"""The model: attention, MoE layer, routers, dispatch backends and their kernels."""

@@ -1,0 +1,1 @@
+"""Optimizers: AdamW and the lean per-expert sparse-adamw and adafactor."""

@@ -1,0 +1,1 @@
+"""Tokenizers: bytes, a trained sentencepiece BPE, imported Hugging Face tokenizer.json."""
