@@ -46,6 +46,7 @@ def run_variant(name: str, overrides: dict, args, root: Path) -> dict:
     from tinymoe.analysis.stats import routing_stats
     from tinymoe.config import apply_overrides, load_preset, validate
     from tinymoe.nn.model import count_params
+    from tinymoe.io import metrics_log
     from tinymoe.train.trainer import Trainer
 
     model_cfg, train_cfg = load_preset("tiny")
@@ -60,7 +61,7 @@ def run_variant(name: str, overrides: dict, args, root: Path) -> dict:
     start = time.perf_counter()
     summary = trainer.run()
     seconds = time.perf_counter() - start
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [rec for _, rec in metrics_log.read_records(run_dir / metrics_log.FILE_NAME)]
     steps = [r for r in records if "loss" in r]
     late = [r for r in steps if r["step"] > args.steps // 2] or steps[-1:]
     windows = [r["tokens_per_s"] for r in steps[1:]] or [r["tokens_per_s"] for r in steps]

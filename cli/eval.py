@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from tinymoe.cli.common import UserError, print_json, user_errors
+from tinymoe.names import DISPATCH_CHOICES
 
 
 @click.command("eval")
@@ -13,7 +14,7 @@ from tinymoe.cli.common import UserError, print_json, user_errors
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--max-batches", default=None, type=click.IntRange(min=1), help="Stop after N batches.")
 @click.option("--moe-dispatch", "dispatch", default="auto", show_default=True,
-              type=click.Choice(["auto", "dense", "gather", "grouped", "metal"]))
+              type=click.Choice(DISPATCH_CHOICES))
 @click.option("--json", "as_json", is_flag=True, help='Print {"loss", "ppl", "bits_per_byte", "tokens"}.')
 @user_errors
 def eval_cmd(checkpoint, data, batch_size, max_batches, dispatch, as_json):
@@ -21,8 +22,9 @@ def eval_cmd(checkpoint, data, batch_size, max_batches, dispatch, as_json):
     from tinymoe.data.prepare import held_out_tokens
     from tinymoe.train.evaluate import evaluate
     from tinymoe.io.loader import load_model
+    from tinymoe.run.readers import read_latest
 
-    model, manifest, tokenizer, ckpt = load_model(checkpoint, dispatch)
+    model, manifest, tokenizer, ckpt = read_latest(checkpoint, lambda c: load_model(c, dispatch))
     held = held_out_tokens(manifest, tokenizer, data)
     tokens, what = held.tokens, held.what
     model.train(False)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import click
 
-from tinymoe.cli.common import print_json, user_errors
+from tinymoe.cli.common import OutDir, print_json, user_errors
+from tinymoe.interop.hf_config import DENSE_ARCHS, MOE_ARCHS
 
-ARCH_CHOICES = ["auto", "mixtral", "ernie4_5_moe", "qwen2_moe", "glm4_moe", "llama", "qwen2"]
+ARCH_CHOICES = ["auto", *MOE_ARCHS, *DENSE_ARCHS]  # the table of tinymoe.interop.hf_config (no MLX)
 
 
 @click.command()
@@ -15,10 +16,10 @@ ARCH_CHOICES = ["auto", "mixtral", "ernie4_5_moe", "qwen2_moe", "glm4_moe", "lla
               help="Output format: a Hugging Face model directory.")
 @click.option("--arch", type=click.Choice(ARCH_CHOICES), default="auto", show_default=True,
               help="Target architecture; auto picks the first whose routing is identical to the model's.")
-@click.option("--out", type=click.Path(file_okay=False), required=True, help="Directory to write.")
+@click.option("--out", type=OutDir(), required=True, help="Directory to write.")
 @click.option("--check/--no-check", default=None,
               help="Load the export with mlx-lm and compare logits (default: when mlx-lm is installed).")
-@click.option("--overwrite", is_flag=True, help="Replace an earlier export in --out.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier tinymoe export in --out (only a folder tinymoe created as an export).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @user_errors
 def export(checkpoint, fmt, arch, out, check, overwrite, as_json):
@@ -38,8 +39,9 @@ def export(checkpoint, fmt, arch, out, check, overwrite, as_json):
     from pathlib import Path
 
     from tinymoe.interop.export import export_hf
+    from tinymoe.run.readers import read_latest
 
-    report = export_hf(checkpoint, Path(out), arch, overwrite, check)
+    report = read_latest(checkpoint, lambda c: export_hf(c, Path(out), arch, overwrite, check))
     if as_json:
         print_json(report)
         return

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import click
 
-from tinymoe.cli.common import print_json, user_errors
+from tinymoe.cli.common import OutDir, print_json, user_errors
 
 
 @click.command("import")
 @click.argument("source")
-@click.option("--out", type=click.Path(file_okay=False), required=True, help="Run directory to create.")
+@click.option("--out", type=OutDir(), required=True, help="Run directory to create.")
 @click.option("--context", type=click.IntRange(min=1), default=None,
               help="Context length to record (default: max_position_embeddings).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing tinymoe run in --out.")

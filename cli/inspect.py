@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from tinymoe.cli.common import print_json, user_errors
+from tinymoe.cli.common import OutDir, print_json, user_errors
 
 
 @click.command("inspect")
@@ -23,7 +23,7 @@ from tinymoe.cli.common import print_json, user_errors
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--max-batches", default=20, show_default=True, type=click.IntRange(min=1),
               help="Route at most this many batches of windows, spread evenly over the data.")
-@click.option("--plot", "plot_dir", type=click.Path(file_okay=False),
+@click.option("--plot", "plot_dir", type=OutDir(),
               help="Also write load.png and domain_expert.png here (needs tinymoe[plot]).")
 @click.option("--json", "as_json", is_flag=True, help="Print {params, domains, layers: [...]} as JSON.")
 @user_errors
@@ -33,12 +33,13 @@ def inspect_cmd(checkpoint, data, summary_only, batch_size, max_batches, plot_di
     from tinymoe.analysis.stats import routing_stats
     from tinymoe.data.prepare import held_out_tokens
     from tinymoe.io.loader import load_model
+    from tinymoe.run.readers import read_latest
 
     if plot_dir:
         from tinymoe.analysis.plots import require_matplotlib
 
         require_matplotlib()  # fail before the slow part when matplotlib is missing
-    model, manifest, tokenizer, ckpt = load_model(checkpoint)
+    model, manifest, tokenizer, ckpt = read_latest(checkpoint, load_model)
     cfg = model.cfg
     summary = {
         "checkpoint": str(ckpt), "step": manifest["step"], "tokens_seen": manifest.get("tokens_seen"),

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from tinymoe import __version__
@@ -21,7 +23,48 @@ from tinymoe.cli.upcycle import upcycle
 from tinymoe.cli.validate import validate_cmd
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+# Click >= 8.2 reports a bare `tinymoe` as this UsageError; its help text is the right answer.
+_HELP_ERRORS = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+def one_line(message: str) -> str:
+    """A possibly multi-line message as one line."""
+    return "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
+class OneLineErrors(click.Group):
+    """Click prints a usage error (unknown option, bad choice, missing argument, a value that is
+    not an int) as four lines: usage, hint, blank, `Error: ...`. The promise of docs/errors.md is
+    one `error: ...` line and exit 2 for every bad input, so the group runs click in
+    non-standalone mode and reports every ClickException itself, in the format of UserError.
+    `--help` and `--version` are click's `Exit(0)` and pass through unchanged."""
+
+    def invoke(self, ctx):
+        super().invoke(ctx)
+        return None  # commands print their results; only ctx.exit(code) sets the exit status
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:  # a library caller wants click's exceptions
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except _HELP_ERRORS as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            message = one_line(exc.format_message()) or type(exc).__name__
+            ctx = getattr(exc, "ctx", None)
+            if isinstance(exc, click.UsageError) and ctx is not None:
+                message += f" (see '{ctx.command_path} --help')"
+            click.echo(f"error: {message}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:  # Ctrl-C outside a command's own handling
+            click.echo("error: aborted", err=True)
+            sys.exit(1)
+        sys.exit(code or 0)
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="tinymoe")
 def cli():
     """Train, sample, evaluate and inspect small Mixture-of-Experts language models.

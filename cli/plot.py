@@ -6,12 +6,12 @@ from pathlib import Path
 
 import click
 
-from tinymoe.cli.common import print_json, user_errors
+from tinymoe.cli.common import OutDir, print_json, user_errors
 
 
 @click.command("plot")
 @click.argument("run", type=click.Path())
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+@click.option("--out", "out_dir", type=OutDir(), default=None,
               help="Folder for training.png (default: RUN/plots).")
 @click.option("--json", "as_json", is_flag=True, help='Print {"written": [paths], "records": N}.')
 @user_errors

@@ -26,7 +26,9 @@ def route(checkpoint, text, path, gates, color, as_json):
     from pathlib import Path
 
     from tinymoe.io.loader import load_model
+    from tinymoe.run.readers import read_latest
     from tinymoe.analysis.routing_view import route_table, route_text, token_records, use_color
+    from tinymoe.text_input import clean_text
 
     if (text is None) == (path is None):
         raise UserError("give the text to route with --text or --file (one of them)")
@@ -35,7 +37,8 @@ def route(checkpoint, text, path, gates, color, as_json):
             text = Path(path).read_text(encoding="utf-8", errors="replace")
         except OSError as exc:
             raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    model, _, tokenizer, _ = load_model(checkpoint)
+    text = clean_text(text)  # bytes that are not UTF-8 become U+FFFD (docs/errors.md)
+    model, _, tokenizer, _ = read_latest(checkpoint, load_model)
     layers = model.moe_layers()
     if not layers:
         raise UserError("the model has no MoE layers; there is no routing to show")

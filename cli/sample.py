@@ -11,21 +11,22 @@ import time
 
 import click
 
-from tinymoe.cli.common import UserError, print_json, user_errors
+from tinymoe.cli.common import SEED, FiniteFloat, UserError, print_json, user_errors
+from tinymoe.names import DISPATCH_CHOICES
 
 
 @click.command()
 @click.argument("checkpoint", type=click.Path())
 @click.option("--prompt", default="", help="Text to continue (default: a newline).")
 @click.option("--max-tokens", default=200, show_default=True, type=click.IntRange(min=1))
-@click.option("--temperature", default=0.8, show_default=True, type=click.FloatRange(min=0),
+@click.option("--temperature", default=0.8, show_default=True, type=FiniteFloat(min=0),
               help="0 = greedy.")
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0 = off.")
-@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+@click.option("--top-p", default=1.0, show_default=True, type=FiniteFloat(0, 1, min_open=True),
               help="Nucleus sampling mass (1 = off).")
-@click.option("--seed", default=None, type=int, help="Seed for reproducible samples.")
+@click.option("--seed", default=None, type=SEED, help="Seed for reproducible samples.")
 @click.option("--moe-dispatch", "dispatch", default="auto", show_default=True,
-              type=click.Choice(["auto", "dense", "gather", "grouped", "metal"]))
+              type=click.Choice(DISPATCH_CHOICES))
 @click.option("--show-routing", is_flag=True, help="Colour each token by the expert it was sent to (first choice).")
 @click.option("--layer", type=int, default=None, help="Block index of the MoE layer --show-routing colours by "
               "(default: the last MoE layer).")
@@ -41,8 +42,11 @@ def sample(checkpoint, prompt, max_tokens, temperature, top_k, top_p, seed, disp
            color, as_json, resident_experts=None):
     """Generate text from CHECKPOINT (a checkpoint or run directory)."""
     from tinymoe.io.loader import load_model
-    from tinymoe.nn.router_config import require_causal
+    from tinymoe.run.readers import read_latest
+    from tinymoe.router_registry import require_causal
     from tinymoe.infer.sample import generate
+    from tinymoe.text_input import clean_text
+    from tinymoe.tokenizers.stream import StreamDecoder
 
     caches = None
     if resident_experts is not None:
@@ -50,10 +54,12 @@ def sample(checkpoint, prompt, max_tokens, temperature, top_k, top_p, seed, disp
 
         if show_routing:  # the offloaded layers see renumbered expert ids
             raise UserError("--resident-experts cannot be combined with --show-routing")
-        model, manifest, tokenizer, _, caches = load_model_offloaded(checkpoint, resident_experts, dispatch)
+        model, manifest, tokenizer, _, caches = read_latest(
+            checkpoint, lambda c: load_model_offloaded(c, resident_experts, dispatch))
     else:
-        model, manifest, tokenizer, _ = load_model(checkpoint, dispatch)
+        model, manifest, tokenizer, _ = read_latest(checkpoint, lambda c: load_model(c, dispatch))
     require_causal(model.cfg)  # before any output: expert-choice routing cannot generate
+    prompt = clean_text(prompt)  # bytes that are not UTF-8 become U+FFFD (docs/errors.md)
     prompt_ids = tokenizer.encode(prompt or "\n")
     if not prompt_ids:
         raise UserError("the prompt encodes to no tokens")
@@ -64,18 +70,17 @@ def sample(checkpoint, prompt, max_tokens, temperature, top_k, top_p, seed, disp
     if not as_json:
         click.echo(prompt, nl=False)
     generated: list[int] = []
-    printed = ""
+    # Decodes a short window per token (a partial UTF-8 character is held back until its
+    # remaining bytes arrive); decoding all generated tokens each step was quadratic.
+    stream = StreamDecoder(tokenizer)
     start = time.perf_counter()
     for token in generate(model, prompt_ids, max_tokens, temperature, top_k, top_p, seed):
         generated.append(token)
         if not as_json:
-            text = tokenizer.decode(generated)
-            # Hold back a trailing partial UTF-8 character until its remaining bytes arrive.
-            safe = text.rstrip("\ufffd")
-            if len(safe) > len(printed):
-                click.echo(safe[len(printed):], nl=False)
+            piece = stream.add(token)
+            if piece:
+                click.echo(piece, nl=False)
                 sys.stdout.flush()
-                printed = safe
     seconds = time.perf_counter() - start
     text = tokenizer.decode(generated)
     tok_s = len(generated) / seconds if seconds > 0 else 0.0
@@ -88,7 +93,7 @@ def sample(checkpoint, prompt, max_tokens, temperature, top_k, top_p, seed, disp
         print_json({"prompt": prompt, "text": text, "tokens": len(generated), "tokens_per_s": round(tok_s, 1),
                     **({"expert_cache": stats} if stats else {})})
         return
-    click.echo(text[len(printed):])
+    click.echo(stream.flush())
     cache_note = (f", expert cache hit rate {stats['hit_rate']:.1%} ({stats['misses']} loads)"
                   if stats and stats["hit_rate"] is not None else "")
     click.echo(f"\n[{len(generated)} tokens, {tok_s:.1f} tokens/s{cache_note}]", err=True)

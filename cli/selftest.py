@@ -15,11 +15,12 @@ from tinymoe.cli.common import print_json, user_errors
 def selftest(as_json):
     """Check every dispatch backend and fused kernel against its reference.
 
-    Runs each sparse dispatch backend against the dense one (output and gradients wrt x, gates
+    Re-runs the fused kernels' first-use check on this machine (and stores its verdict), then
+    runs each sparse dispatch backend against the dense one (output and gradients wrt x, gates
     and expert weights) on a few edge-case shapes, and the gather/combine kernel ops and their
-    gradients against plain indexing. Each row says which implementation actually ran (a Metal
-    kernel, or the pure-MLX fallback where Metal is unavailable). Exit code 0 when everything
-    passes, 1 otherwise; paste the output into a bug report.
+    gradients against plain indexing, in float32, float16 and bfloat16. Each row says which
+    implementation actually ran (a Metal or CUDA kernel, or the pure-MLX reference). Exit code 0
+    when everything passes, 1 otherwise; attach the --json output to a bug report (docs/mac.md).
     """
     from tinymoe.nn import selftest as st
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from tinymoe.cli.common import print_json, user_errors
+from tinymoe.cli.common import SEED, FiniteFloat, OutDir, print_json, user_errors
 
 
 @click.command()
@@ -14,7 +14,7 @@ from tinymoe.cli.common import print_json, user_errors
 @click.option("--shared-experts", type=click.IntRange(min=0), default=0, show_default=True,
               help="Always-active shared experts, also initialised from the dense FFN (the shared and the "
               "routed part each start with half of its output).")
-@click.option("--drop-fraction", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
+@click.option("--drop-fraction", type=FiniteFloat(0.0, 1.0), default=0.0, show_default=True,
               help="Drop-Upcycling: fraction of each expert's hidden units re-initialised (0 = exact copies).")
 @click.option("--every-n", "every", type=click.IntRange(min=1), default=1, show_default=True,
               help="Make every Nth layer MoE (layers N-1, 2N-1, ...); the others stay dense.")
@@ -24,8 +24,8 @@ from tinymoe.cli.common import print_json, user_errors
               help="Renormalise the top-k gates; needed for the upcycled model to start equal to the dense one.")
 @click.option("--context", type=click.IntRange(min=1), default=None,
               help="Context length to record (default: the source's; for HF sources max_position_embeddings).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for routers and re-initialised units.")
-@click.option("--out", type=click.Path(file_okay=False), required=True, help="Run directory to create.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed for routers and re-initialised units.")
+@click.option("--out", type=OutDir(), required=True, help="Run directory to create.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing tinymoe run in --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @user_errors

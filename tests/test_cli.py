@@ -59,15 +59,15 @@ def test_smoke_train_sample_eval_inspect(trained):
     assert text.exit_code == 0 and "expert   0" in text.output
 
 
-def test_resume_continues_to_new_total(trained, tmp_path):
+def test_resume_extends_to_new_total(trained, tmp_path):
     import shutil
 
     copy = tmp_path / "copy"
     shutil.copytree(trained, copy)
-    r = run("train", "--resume", copy, "--steps", 8, "--quiet", "--json")
+    r = run("train", "--resume", copy, "--extend-steps", 2, "--quiet", "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["step"] == 8
-    conflict = run("train", "--resume", copy, "--steps", 10, "--moe-experts", 8)
+    conflict = run("train", "--resume", copy, "--extend-steps", 2, "--moe-experts", 8)
     assert conflict.exit_code == 2 and "moe_experts" in conflict.output
 
 

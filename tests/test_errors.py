@@ -146,8 +146,8 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, corpus, 
 
 
 def test_resume_already_finished(trained):
-    line = error_line(invoke("train", "--resume", trained, "--steps", 2))
-    assert "checkpoint is already at step 2 of 2" in line
+    line = error_line(invoke("train", "--resume", trained))
+    assert "checkpoint is already at step 2 of 2" in line and "--extend-steps" in line
 
 
 # ----------------------------------------------------------------------------- checkpoints

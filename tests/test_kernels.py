@@ -1,26 +1,27 @@
 """Dispatch kernels: references against numpy loops, custom vjps against independent gradients,
-and the Metal/CUDA kernel bodies compiled as C++ and run over their whole grid.
+the glue's device/stream/template/grid rules, and the Metal/CUDA kernel bodies compiled as C++ and
+run over their whole grid in float32, float16 and bfloat16 (tests/kernel_emulator.py).
 
-No Metal or CUDA device is needed. The C++ emulator pastes the exact source strings exported by
-`tinymoe.nn.kernels.dispatch` into functions whose signatures mirror what MLX generates, maps the
-Metal qualifiers and thread builtins onto plain C++, and launches the body once per thread of a
-grid rounded up to whole threadgroups (as CUDA does; Metal would trim it), with sentinel padding
-after every buffer so an out-of-bounds write fails the test. Mutated copies of the sources must
-fail, so the comparison is known to have teeth.
+No Metal or CUDA device is needed. Mutated copies of the sources must fail, and so must a body
+that uses a template name its kernel does not declare, so the checks are known to have teeth.
+The source MLX actually generates around these bodies is checked in test_kernel_sources.py, the
+first-use check in test_kernel_trust.py.
 """
 
-import shutil
-import subprocess
+import dataclasses
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
+import kernel_emulator as emu
+from tinymoe.nn import dispatch, selftest
 from tinymoe.nn.kernels import dispatch as kd
+from tinymoe.nn.kernels import launch, sources, trust
 
 # (id, T, K, E, D, routing): edge cases of the dispatch plan and of the grid.
 CASES = [
-    ("random", 13, 2, 4, 37, "random"),  # N*D = 962: not a multiple of any threadgroup
+    ("random", 13, 2, 4, 37, "random"),  # N*D = 962: not a multiple of any threadgroup; D > 32
     ("empty_expert", 9, 2, 5, 16, "skip0"),  # expert 0 receives no token
     ("one_expert", 7, 1, 4, 8, "one"),  # every pair routed to the same expert
     ("k1", 20, 1, 3, 5, "random"),
@@ -29,9 +30,14 @@ CASES = [
     ("wide", 3, 2, 4, 300, "random"),  # D > threadgroup, T*K < threadgroup
 ]
 IDS = [c[0] for c in CASES]
+F32, F16, BF16 = mx.float32, mx.float16, mx.bfloat16
+# (values dtype, gates dtype): what the model uses (gates in the values' dtype) and mixed.
+DTYPE_PAIRS = [(F32, F32), (F16, F16), (BF16, BF16), (BF16, F32)]
+PAIR_IDS = ["float32", "float16", "bfloat16", "bfloat16+float32_gates"]
 
 
-def make_case(T, K, E, D, routing, seed=0):
+def make_case(T, K, E, D, routing, seed=0, vdt=F32, gdt=F32):
+    """Arrays in their kernel dtypes (values `vdt`, gates `gdt`, indices uint32)."""
     rng = np.random.default_rng(seed)
     if routing == "one":
         idx = np.full((T, K), E - 1)
@@ -41,42 +47,47 @@ def make_case(T, K, E, D, routing, seed=0):
     order = np.argsort(idx.reshape(-1), kind="stable").astype(np.uint32)  # (N,)
     pos = np.empty(T * K, np.uint32)
     pos[order] = np.arange(T * K, dtype=np.uint32)
-    f32 = np.float32
+    normal = lambda *s: mx.array(rng.standard_normal(s).astype(np.float32)).astype(vdt)  # noqa: E731
     return {
-        "T": T, "K": K, "D": D, "order": order, "pos": pos.reshape(T, K),
-        "x": rng.standard_normal((T, D)).astype(f32),
-        "ys": rng.standard_normal((T * K, D)).astype(f32),
-        "gates": rng.uniform(0.1, 1.0, (T, K)).astype(f32),
-        "dy": rng.standard_normal((T, D)).astype(f32),
-        "dxs": rng.standard_normal((T * K, D)).astype(f32),
+        "T": T, "K": K, "D": D, "order": mx.array(order), "pos": mx.array(pos.reshape(T, K)),
+        "x": normal(T, D), "ys": normal(T * K, D),
+        "gates": mx.array(rng.uniform(0.1, 1.0, (T, K)).astype(np.float32)).astype(gdt),
+        "dy": normal(T, D), "dxs": normal(T * K, D),
     }
 
 
 def expected(c):
-    """{kernel: (inputs in its argument order, float64 output)} from plain loops. The loops use
-    the scatter form where the ops use gathers, so the inverse-permutation bookkeeping is
-    checked rather than repeated."""
+    """{kernel: (inputs in its argument order, float64 output)} from plain loops over the
+    (rounded) inputs. The loops use the scatter form where the ops use gathers, so the
+    inverse-permutation bookkeeping is checked rather than repeated."""
     T, K, D = c["T"], c["K"], c["D"]
-    x, ys, gates, dy, dxs, order, pos = (c[k] for k in ("x", "ys", "gates", "dy", "dxs",
-                                                        "order", "pos"))
+    f = {k: np.array(c[k].astype(F32), np.float64) for k in ("x", "ys", "gates", "dy", "dxs")}
+    order, pos = np.array(c["order"]), np.array(c["pos"])
     y, dx, dys, dg = np.zeros((T, D)), np.zeros((T, D)), np.zeros((T * K, D)), np.zeros((T, K))
     for p, pair in enumerate(order):
-        dx[pair // K] += dxs[p]
+        dx[pair // K] += f["dxs"][p]
     for (t, k), p in np.ndenumerate(pos):
-        y[t] += gates[t, k] * ys[p].astype(np.float64)
-        dys[p] += gates[t, k] * dy[t].astype(np.float64)
-        dg[t, k] = np.dot(dy[t].astype(np.float64), ys[p])
+        y[t] += f["gates"][t, k] * f["ys"][p]
+        dys[p] += f["gates"][t, k] * f["dy"][t]
+        dg[t, k] = np.dot(f["dy"][t], f["ys"][p])
     return {
-        "gather_rows": ([x, order], np.stack([x[pair // K] for pair in order])),
-        "combine": ([ys, pos, gates], y),
-        "combine_grad_ys": ([dy, gates, order], dys),
-        "combine_grad_gates": ([dy, ys, pos], dg),
-        "gather_rows_grad": ([dxs, pos], dx),
+        "gather_rows": ([c["x"], c["order"]], np.stack([f["x"][pair // K] for pair in order])),
+        "combine": ([c["ys"], c["pos"], c["gates"]], y),
+        "combine_grad_ys": ([c["dy"], c["gates"], c["order"]], dys),
+        "combine_grad_gates": ([c["dy"], c["ys"], c["pos"]], dg),
+        "gather_rows_grad": ([c["dxs"], c["pos"]], dx),
     }
 
 
-def close(a, b):
-    np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=1e-5, atol=1e-5)
+def out_dtype(name, c):
+    return c["gates"].dtype if name == "combine_grad_gates" else c["ys"].dtype
+
+
+def close(a, b, dtype=F32):
+    """Within a couple of roundings of `dtype` of the largest value (trust.TOLERANCE)."""
+    got = np.array(a.astype(F32) if isinstance(a, mx.array) else a, np.float64)
+    atol, rtol = trust.TOLERANCE[dtype]
+    np.testing.assert_allclose(got, b, rtol=0, atol=atol + rtol * float(np.max(np.abs(b))))
 
 
 # --------------------------------------------------------------------------- references
@@ -94,18 +105,16 @@ def test_references_match_numpy_loops(case):
     }
     for name, ref in refs.items():
         inputs, want = expected(c)[name]
-        close(ref(*map(mx.array, inputs)), want)
+        close(ref(*inputs), want)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 @pytest.mark.parametrize("pass_plan", [True, False], ids=["full_plan", "inverse_computed"])
 def test_custom_vjps_match_numpy_and_naive_autodiff(case, pass_plan):
     c = make_case(*case[1:])
-    K = c["K"]
-    x, ys, gates, dy, dxs = (mx.array(c[k]) for k in ("x", "ys", "gates", "dy", "dxs"))
-    order, pos = mx.array(c["order"]), mx.array(c["pos"])
+    K, order, pos = c["K"], c["order"], c["pos"]
+    x, ys, gates, dy, dxs = (c[k] for k in ("x", "ys", "gates", "dy", "dxs"))
     extra_pos, extra_order = (pos, order) if pass_plan else (None, None)
-
     want = {name: out for name, (_, out) in expected(c).items()}
 
     xs, (dx,) = mx.vjp(lambda a: kd.gather_rows(a, order, K, extra_pos), [x], [dxs])
@@ -130,8 +139,7 @@ def test_custom_vjp_is_the_one_used_and_indices_get_zero_cotangents(monkeypatch)
                  "combine_grad_gates_reference"):
         original = getattr(kd, name)
         monkeypatch.setattr(kd, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
-    x, gates = mx.array(c["x"]), mx.array(c["gates"])
-    order, pos = mx.array(c["order"]), mx.array(c["pos"])
+    x, gates, order, pos = c["x"], c["gates"], c["order"], c["pos"]
 
     def loss(x, gates, order, pos):
         return mx.sum(kd.combine(kd.gather_rows(x, order, 2, pos) * 3.0, pos, gates, order))
@@ -143,17 +151,15 @@ def test_custom_vjp_is_the_one_used_and_indices_get_zero_cotangents(monkeypatch)
     for g, idx in zip(grads[2:], (order, pos)):
         assert g.shape == idx.shape and not np.any(np.array(g))
     # d/dx sum_t sum_k g[t,k] * 3 x[t] = 3 * sum_k g[t,k] on every feature.
-    close(grads[0], np.repeat(3.0 * c["gates"].sum(1, keepdims=True), 6, axis=1))
+    close(grads[0], np.repeat(3.0 * np.array(gates).sum(1, keepdims=True), 6, axis=1))
 
 
 def test_half_precision_dtypes_follow_the_values():
-    c = make_case(4, 2, 4, 8, "random")
-    ys = mx.array(c["ys"]).astype(mx.bfloat16)
-    gates, pos = mx.array(c["gates"]), mx.array(c["pos"])
-    y, (dys, dg) = mx.vjp(lambda a, g: kd.combine(a, pos, g), [ys, gates], [mx.ones((4, 8))])
-    assert (y[0].dtype, dys.dtype, dg.dtype) == (mx.bfloat16, mx.bfloat16, mx.float32)
-    want = expected(c)["combine"][1]
-    np.testing.assert_allclose(np.array(y[0].astype(mx.float32)), want, atol=0.05)
+    c = make_case(4, 2, 4, 8, "random", vdt=BF16)
+    y, (dys, dg) = mx.vjp(lambda a, g: kd.combine(a, c["pos"], g), [c["ys"], c["gates"]],
+                          [mx.ones((4, 8))])
+    assert (y[0].dtype, dys.dtype, dg.dtype) == (BF16, BF16, F32)
+    close(y[0], expected(c)["combine"][1], BF16)
 
 
 def test_shape_errors_are_clear():
@@ -165,259 +171,217 @@ def test_shape_errors_are_clear():
 
 
 def test_kernels_are_built_lazily_and_construct_on_this_platform():
-    kd._KERNEL_CACHE.clear()
+    launch._KERNEL_CACHE.clear()
     c = make_case(4, 2, 4, 8, "random")
-    mx.eval(kd.gather_rows(mx.array(c["x"]), mx.array(c["order"]), 2))
-    assert kd.metal_available() == bool(mx.metal.is_available())
-    if not kd.metal_available() and not kd.cuda_available():
-        assert kd._KERNEL_CACHE == {}  # the reference ran; nothing was built
-    for spec in kd.KERNELS.values():  # constructing is allowed everywhere; calling is not
-        assert kd._make_kernel(spec, "metal") is not None
+    mx.eval(kd.gather_rows(c["x"], c["order"], 2))
+    assert launch.metal_available() == bool(mx.metal.is_available())
+    if launch.device_backend() is None:
+        assert launch._KERNEL_CACHE == {}  # the reference ran; nothing was built
+    for spec in sources.KERNELS.values():  # constructing is allowed everywhere; calling is not
+        assert launch._make_kernel(spec, "metal") is not None
 
 
-def test_sources_are_per_thread_gathers():
-    exported = [kd.GATHER_ROWS_SOURCE, kd.COMBINE_SOURCE, kd.COMBINE_GRAD_YS_SOURCE,
-                kd.COMBINE_GRAD_GATES_SOURCE, kd.GATHER_ROWS_GRAD_SOURCE]
-    assert exported == [s.metal_source for s in kd.KERNELS.values()]
-    for spec in kd.KERNELS.values():
-        for banned in ("threadgroup", "barrier", "atomic", "simd"):
+def test_sources_are_per_thread_gathers_and_every_dtype_is_a_template_parameter():
+    exported = [sources.GATHER_ROWS_SOURCE, sources.COMBINE_SOURCE,
+                sources.COMBINE_GRAD_YS_SOURCE, sources.COMBINE_GRAD_GATES_SOURCE,
+                sources.GATHER_ROWS_GRAD_SOURCE]
+    assert exported == [s.metal_source for s in sources.KERNELS.values()]
+    for spec in sources.KERNELS.values():
+        for banned in ("threadgroup", "barrier", "atomic"):  # simd_sum needs none of these
             assert banned not in spec.body, (spec.name, banned)
+        assert ("simd" in spec.body) == spec.uses_simd, spec.name
         assert spec.cuda_source.endswith(spec.body) and "thread_position" not in spec.cuda_source
+        typed = [a for _, arrays in spec.types for a in arrays]
+        arrays = [a for a in spec.inputs + spec.outputs if a not in sources.INDEX_INPUTS]
+        assert sorted(typed) == sorted(arrays), spec.name  # each array's dtype in the template
+    assert launch.THREADS_PER_GROUP % sources.SIMD_WIDTH == 0  # SIMD groups never straddle
+
+
+# --------------------------------------------------------------------------- device and grid
+
+
+def test_grid_limit_leaves_a_threadgroup_of_headroom_below_2_31(monkeypatch):
+    # MLX's CUDA launcher computes (grid + block - 1) / block in signed int.
+    assert launch.MAX_GRID_THREADS + launch.THREADS_PER_GROUP - 1 <= 2**31 - 1
+    monkeypatch.setattr(launch, "device_backend", lambda: "cuda")
+    assert launch.backend_for([F32], launch.MAX_GRID_THREADS) == "cuda"
+    assert launch.backend_for([F32], 2**31 - 255) is None
+    assert launch.backend_for([mx.float64], 8) is None  # no kernel for this dtype
+
+
+@pytest.mark.cpu
+def test_on_the_cpu_default_device_no_kernel_launches_even_where_a_gpu_exists(monkeypatch):
+    """`auto` on the CPU is `grouped`, which uses gather_rows/combine: they must take the
+    references, not a GPU kernel, and selftest must say so."""
+    made = []
+    monkeypatch.setattr(launch, "_KERNEL_CACHE", {})
+    monkeypatch.setattr(launch, "metal_available", lambda: True)  # a Mac, CPU chosen by the user
+    monkeypatch.setattr(launch, "_make_kernel", lambda spec, backend: made.append(spec.name))
+    assert not launch.default_device_is_gpu()
+    assert dispatch.resolve_backend("auto") == "grouped"
+    x, idx, gates, w = selftest.routed_problem(selftest.BACKEND_CASES[0])
+    loss = lambda x, g: mx.sum(dispatch.run_experts("grouped", x, idx, g, *w))  # noqa: E731
+    mx.eval(mx.value_and_grad(loss, argnums=(0, 1))(x, gates))
+    assert made == []
+    assert selftest.kernel_implementation() == "reference (default device is the CPU)"
+    assert selftest.kernel_status()["kernels"] is None
 
 
 # --------------------------------------------------------------------------- C++ emulation
 
-SHIM = r"""
-#include <cstdint>
-#include <fstream>
-#include <string>
-#include <vector>
-// Metal address spaces and builtins, as plain C++.
-#define device
-#define constant
-#define thread
-typedef unsigned int uint;
-struct uint3 { uint32_t x, y, z; };
-struct dim3 { uint32_t x, y, z; };
-typedef float ValT;
-typedef float GateT;
-typedef void (*Launch)(bool, void**, int**, void**, int, int, uint3, uint3);
-"""
 
-MAIN = r"""
-static const uint32_t SENTINEL = 0x7fc0beefu;  // a NaN no kernel computes
-int main(int argc, char** argv) {
-  // <dir>/job.txt: variant name D K grid(3) threadgroup(3) n_in n_out, then "count ndim dims"
-  // per input and "count" per output; data in <dir>/in<i>.bin and <dir>/out<i>.bin.
-  std::string dir = argv[1], variant, name;
-  std::ifstream job(dir + "/job.txt");
-  int D, K, n_in, n_out;
-  uint3 g, tg;
-  job >> variant >> name >> D >> K >> g.x >> g.y >> g.z >> tg.x >> tg.y >> tg.z >> n_in >> n_out;
-  uint3 r = {(g.x + tg.x - 1) / tg.x * tg.x, (g.y + tg.y - 1) / tg.y * tg.y,
-             (g.z + tg.z - 1) / tg.z * tg.z};
-  size_t pad = size_t(r.x) * r.y * r.z + 64;  // room for whatever an unguarded thread writes
-  std::vector<std::vector<uint32_t>> buf(n_in + n_out);
-  std::vector<std::vector<int>> shape(n_in);
-  std::vector<size_t> count(n_in + n_out);
-  std::vector<void*> ptr;
-  std::vector<int*> shape_ptr;
-  for (int i = 0; i < n_in + n_out; ++i) {
-    int ndim = 0;
-    job >> count[i];
-    buf[i].assign(count[i] + pad, i < n_in ? 0u : SENTINEL);
-    ptr.push_back(buf[i].data());
-    if (i >= n_in) continue;
-    job >> ndim;
-    shape[i].assign(ndim + 1, 0);
-    for (int j = 0; j < ndim; ++j) job >> shape[i][j];
-    shape_ptr.push_back(shape[i].data());
-    std::ifstream f(dir + "/in" + std::to_string(i) + ".bin", std::ios::binary);
-    if (!f.read(reinterpret_cast<char*>(buf[i].data()), 4 * count[i])) return 2;
-  }
-  if (!job) return 2;
-  Launch launch = nullptr;
-  for (const auto& e : kEntries) if (name == e.name) launch = e.fn;
-  if (!launch) return 4;
-  for (uint32_t z = 0; z < r.z; ++z)
-    for (uint32_t y = 0; y < r.y; ++y)
-      for (uint32_t x = 0; x < r.x; ++x)
-        launch(variant == "cuda", ptr.data(), shape_ptr.data(), ptr.data() + n_in, D, K,
-               uint3{x, y, z}, tg);
-  for (int i = n_in; i < n_in + n_out; ++i) {
-    for (size_t j = count[i]; j < buf[i].size(); ++j)
-      if (buf[i][j] != SENTINEL) return 3;  // a thread wrote past the end
-    std::ofstream f(dir + "/out" + std::to_string(i - n_in) + ".bin", std::ios::binary);
-    f.write(reinterpret_cast<const char*>(buf[i].data()), 4 * count[i]);
-  }
-  return 0;
-}
-"""
-
-INDEX_INPUTS = ("order", "pos")
-
-
-def shim_functions(entry, spec, metal_src, cuda_src):
-    """Signatures the way MLX writes them (inputs, then `<name>_shape` if the source uses it,
-    then outputs), plus the thread builtins; the bodies are the sources, verbatim."""
-    params, args = [], []
-    for i, n in enumerate(spec.inputs):
-        ctype = "uint32_t" if n in INDEX_INPUTS else "float"
-        params.append(f"const {ctype}* {n}")
-        args.append(f"(const {ctype}*)in[{i}]")
-        if f"{n}_shape" in metal_src:
-            params.append(f"const int* {n}_shape")
-            args.append(f"shapes[{i}]")
-    for i, n in enumerate(spec.outputs):
-        params.append(f"float* {n}")
-        args.append(f"(float*)out[{i}]")
-    p, a = ", ".join(params + ["int D", "int K"]), ", ".join(args + ["D", "K"])
-    return f"""
-static void metal_{entry}({p}, uint3 thread_position_in_grid) {{
-{metal_src}
-}}
-static void cuda_{entry}({p}, dim3 blockIdx, dim3 blockDim, dim3 threadIdx) {{
-{cuda_src}
-}}
-static void launch_{entry}(bool cuda, void** in, int** shapes, void** out, int D, int K,
-                           uint3 t, uint3 tg) {{
-  if (!cuda) {{ metal_{entry}({a}, t); return; }}
-  cuda_{entry}({a}, dim3{{t.x / tg.x, t.y / tg.y, t.z / tg.z}}, dim3{{tg.x, tg.y, tg.z}},
-               dim3{{t.x % tg.x, t.y % tg.y, t.z % tg.z}});
-}}
-"""
-
-
-def build_emulator(directory, entries):
-    """entries: {entry name: (spec, metal source, cuda source)} -> path of the binary."""
-    compiler = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
-    if compiler is None:
-        pytest.skip("no C++ compiler found")
-    code = SHIM + "".join(shim_functions(e, *v) for e, v in entries.items())
-    table = ", ".join(f'{{"{e}", launch_{e}}}' for e in entries)
-    code += "struct Entry { const char* name; Launch fn; };\n"
-    code += f"static const Entry kEntries[] = {{{table}}};\n" + MAIN
-    src, binary = directory / "emu.cpp", directory / "emu"
-    src.write_text(code)
-    cmd = [compiler, "-O1", "-std=c++17", "-fno-strict-aliasing", "-o", str(binary), str(src)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    return binary
-
-
-def run_emulator(binary, work, variant, name, D, K, grid, tg, inputs, out_sizes):
-    """Returns (exit code, [float32 outputs or None])."""
-    head = [variant, name, D, K, *grid, *tg, len(inputs), len(out_sizes)]
-    lines = [" ".join(map(str, head))]
-    for i, a in enumerate(inputs):
-        a = np.ascontiguousarray(a, np.uint32 if a.dtype == np.uint32 else np.float32)
-        a.tofile(work / f"in{i}.bin")
-        lines.append(" ".join(map(str, [a.size, a.ndim, *a.shape])))
-    (work / "job.txt").write_text("\n".join(lines + [str(n) for n in out_sizes]) + "\n")
-    rc = subprocess.run([str(binary), str(work)]).returncode
-    if rc != 0:
-        return rc, None
-    return rc, [np.fromfile(work / f"out{i}.bin", np.float32) for i in range(len(out_sizes))]
+def build_or_skip(directory, entries):
+    if emu.compiler() is None:
+        pytest.skip("no C++ compiler (g++, c++ or clang++) on PATH: the kernel bodies cannot be "
+                    "emulated here")
+    return emu.build(directory, entries)
 
 
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
     d = tmp_path_factory.mktemp("kernel_emulator")
-    entries = {n: (s, s.metal_source, s.cuda_source) for n, s in kd.KERNELS.items()}
-    return build_emulator(d, entries), tmp_path_factory.mktemp("kernel_runs")
+    entries = {n: (s, s.metal_source, s.cuda_source) for n, s in sources.KERNELS.items()}
+    rc, binary, err = build_or_skip(d, entries)
+    assert rc == 0, err
+    return binary, tmp_path_factory.mktemp("kernel_runs")
+
+
+def grid_jobs(c, variant, names=None, tg_sizes=None):
+    """One job per kernel and threadgroup size, with the grid the launcher would use."""
+    jobs, wants = [], []
+    for name, (inputs, want) in expected(c).items():
+        if names and name not in names:
+            continue
+        spec = sources.KERNELS[name]
+        dtypes = {n: a.dtype for n, a in zip(spec.inputs, inputs)}
+        dtypes.update(dict.fromkeys(spec.outputs, out_dtype(name, c)))
+        codes = [emu.CODES[t] for _, t in launch.template_for(spec, dtypes)]
+        # SIMD kernels need whole groups of 32 lanes per threadgroup; others any size.
+        for tg in tg_sizes or ((256, 64) if spec.uses_simd else (256, 7)):
+            jobs.append(dict(variant=variant, name=name, D=c["D"], K=c["K"],
+                             grid=want.size * spec.lanes, tg=tg, codes=codes, inputs=inputs,
+                             outputs=[(want.shape, out_dtype(name, c))]))
+            wants.append(want)
+    return jobs, wants
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 @pytest.mark.parametrize("variant", ["metal", "cuda"])
-def test_kernel_bodies_match_references_over_the_grid(emulator, case, variant):
+@pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=PAIR_IDS)
+def test_kernel_bodies_match_references_over_the_grid(emulator, case, variant, dtypes):
     binary, work = emulator
-    c = make_case(*case[1:])
-    for name, (inputs, want) in expected(c).items():
-        for tg in (kd.THREADS_PER_GROUP, 7):
-            rc, outs = run_emulator(binary, work, variant, name, c["D"], c["K"],
-                                    (want.size, 1, 1), (tg, 1, 1), inputs, [want.size])
-            assert rc == 0, (name, tg, rc)
-            close(outs[0].reshape(want.shape), want)
+    c = make_case(*case[1:], vdt=dtypes[0], gdt=dtypes[1])
+    jobs, wants = grid_jobs(c, variant)
+    for job, want, (rc, outs) in zip(jobs, wants, emu.run_jobs(binary, work, jobs)):
+        assert rc == 0, (job["name"], job["tg"], rc)
+        close(outs[0], want, job["outputs"][0][1])
 
 
-MUTATIONS = [  # (entry, kernel, text in its body, replacement): each must be caught
-    ("gather_rows", "gather_rows", "order[p] / K", "order[p] % K"),
-    ("combine", "combine", "k < K;", "k + 1 < K;"),
-    ("combine_grad_ys", "combine_grad_ys", "gates[pair]", "gates[p]"),
-    ("combine_grad_gates", "combine_grad_gates", "ys[row * D + d]", "ys[gid * D + d]"),
-    ("gather_rows_grad", "gather_rows_grad", "pos[t * K + k]", "pos[t * K]"),
-    ("unguarded", "gather_rows", "if (p >= n_rows) {\n  return;\n}", ""),  # the sentinels
+def test_shim_rejects_a_template_name_the_kernel_does_not_declare(tmp_path):
+    """gather_rows declares only ValT: a body that casts to GateT must not compile (the old
+    shim typedef'd every name globally, so this passed)."""
+    spec = sources.KERNELS["gather_rows"]
+    assert "GateT" not in spec.template_names
+    body = spec.body.replace("xs[p * D + d] = x[t * D + d];",
+                             "xs[p * D + d] = static_cast<ValT>(static_cast<GateT>(x[t * D + d]));")
+    assert body != spec.body
+    broken = dataclasses.replace(spec, body=body)
+    rc, _, err = build_or_skip(tmp_path, {"broken": (broken, broken.metal_source,
+                                                     broken.cuda_source)})
+    assert rc != 0 and "GateT" in err
+    rc, _, err = build_or_skip(tmp_path, {"good": (spec, spec.metal_source, spec.cuda_source)})
+    assert rc == 0, err  # the same shim accepts the real body: the failure above is the name
+
+
+MUTATIONS = [  # (entry, kernel, text in its body, replacement, variant): each must be caught
+    ("gather_rows", "gather_rows", "order[p] / K", "order[p] % K", "metal"),
+    ("combine", "combine", "k < K;", "k + 1 < K;", "metal"),
+    ("combine_grad_ys", "combine_grad_ys", "gates[pair]", "gates[p]", "metal"),
+    ("combine_grad_gates", "combine_grad_gates", "ys[row * D + d]", "ys[pair * D + d]", "metal"),
+    ("gather_rows_grad", "gather_rows_grad", "pos[t * K + k]", "pos[t * K]", "metal"),
+    ("unguarded", "gather_rows", "if (p >= n_rows) {\n  return;\n}", "", "metal"),  # sentinels
+    # only lane 0's partial sum (D = 37 > 32 lanes): the SIMD reduction is what adds the rest
+    ("no_simd_sum", "combine_grad_gates", "acc = simd_sum(acc);", "", "metal"),
+    # lanes that return before the warp shuffle: CUDA's full-mask __shfl_xor_sync is then UB
+    ("lanes_leave_early", "combine_grad_gates", "if (pair >= n_pairs) {",
+     "if (pair >= n_pairs || lane >= 20) {", "cuda"),
+    ("all_lanes_write", "combine_grad_gates", "if (lane == 0) {", "if (lane < 32) {\n"
+     "  dgates[pair + lane] = static_cast<GateT>(acc);", "metal"),
 ]
 
 
 def test_mutated_kernels_are_caught(tmp_path):
     entries = {}
-    for entry, name, old, new in MUTATIONS:
-        spec = kd.KERNELS[name]
-        assert old in spec.body
+    for entry, name, old, new, _ in MUTATIONS:
+        spec = sources.KERNELS[name]
+        assert old in spec.body, entry
         body = spec.body.replace(old, new)
-        entries[entry] = (spec, kd.METAL_PROLOGUE + body, kd.CUDA_PROLOGUE + body)
-    binary = build_emulator(tmp_path, entries)
+        entries[entry] = (spec, sources.METAL_PROLOGUE + body, sources.CUDA_PROLOGUE + body)
+    rc, binary, err = build_or_skip(tmp_path, entries)
+    assert rc == 0, err
     c = make_case(13, 2, 4, 37, "random")
-    for entry, name, _, _ in MUTATIONS:
-        inputs, want = expected(c)[name]
-        rc, outs = run_emulator(binary, tmp_path, "metal", entry, c["D"], c["K"],
-                                (want.size, 1, 1), (256, 1, 1), inputs, [want.size])
-        assert rc != 0 or not np.allclose(outs[0].reshape(want.shape), want, atol=1e-5), entry
+    jobs, wants = [], []
+    for entry, name, _, _, variant in MUTATIONS:
+        (job,), (want,) = grid_jobs(c, variant, names=[name], tg_sizes=[256])
+        jobs.append(dict(job, name=entry))
+        wants.append(want)
+    for (entry, *_), want, (rc, outs) in zip(MUTATIONS, wants, emu.run_jobs(binary, tmp_path, jobs)):
+        assert rc != 0 or not np.allclose(np.array(outs[0]), want, atol=1e-4), entry
 
 
-def emulated_kernels(binary, work, log):
-    """A stand-in for `_make_kernel`: objects called like `mx.fast.metal_kernel` ones that run
-    the C++ emulator with the grid, threadgroup and template the Python glue chose."""
-
-    def make(spec, backend):
-        def call(*, inputs, template, grid, threadgroup, output_shapes, output_dtypes):
-            t = dict(template)
-            assert all(v == mx.float32 for k, v in t.items() if k.endswith("T"))
-            assert output_dtypes == [mx.float32] and len(inputs) == len(spec.inputs)
-            log.append(spec.name)
-            sizes = [int(np.prod(s)) for s in output_shapes]
-            rc, outs = run_emulator(binary, work, backend, spec.name, t["D"], t["K"], grid,
-                                    threadgroup, [np.array(a) for a in inputs], sizes)
-            assert rc == 0
-            return [mx.array(o.reshape(s)) for o, s in zip(outs, output_shapes)]
-
-        return call
-
-    return make
+# --------------------------------------------------------------------------- the Python glue
 
 
 @pytest.mark.parametrize("backend", ["metal", "cuda"])
-@pytest.mark.parametrize("case", [CASES[0], CASES[4], CASES[5]], ids=[IDS[0], IDS[4], IDS[5]])
-def test_python_glue_drives_the_kernels_forward_and_backward(emulator, monkeypatch, backend, case):
-    binary, work = emulator
-    log = []
-    monkeypatch.setattr(kd, "_KERNEL_CACHE", {})
-    monkeypatch.setattr(kd, "metal_available", lambda: backend == "metal")
-    monkeypatch.setattr(kd, "cuda_available", lambda: backend == "cuda")
-    monkeypatch.setattr(kd, "_make_kernel", emulated_kernels(binary, work, log))
-    c = make_case(*case[1:])
-    K = c["K"]
-    x, gates = mx.array(c["x"]), mx.array(c["gates"])
-    order, pos = mx.array(c["order"]), mx.array(c["pos"])
-    scale = mx.array(np.linspace(0.5, 2.0, c["D"], dtype=np.float32))
+@pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=PAIR_IDS)
+def test_python_glue_drives_the_kernels_forward_and_backward(emulator, monkeypatch, backend,
+                                                             dtypes):
+    """With a (faked) GPU default device, a full forward and backward through gather_rows and
+    combine runs every kernel in the emulator, on the GPU stream, with a template that names
+    every dtype, and matches MLX's autodiff of the naive formulas."""
+    kernels = emu.EmulatedKernels(*emulator, sources.KERNELS)
+    emu.fake_gpu(monkeypatch, backend, kernels)
+    for case in (CASES[0], CASES[4], CASES[5]):
+        c = make_case(*case[1:], vdt=dtypes[0], gdt=dtypes[1])
+        K, order, pos = c["K"], c["order"], c["pos"]
+        scale = mx.array(np.linspace(0.5, 2.0, c["D"], dtype=np.float32)).astype(dtypes[0])
 
-    def loss(op_gather, op_combine, x, gates):
-        ys = mx.tanh(op_gather(x)) * scale  # a stand-in for the experts
-        return mx.sum(op_combine(ys, gates) * mx.array(c["dy"]))
+        def loss(op_gather, op_combine, x, gates):
+            ys = mx.tanh(op_gather(x)) * scale  # a stand-in for the experts
+            return mx.sum(op_combine(ys, gates).astype(F32) * c["dy"].astype(F32))
 
-    def fused(x, gates):
-        return loss(lambda a: kd.gather_rows(a, order, K, pos),
-                    lambda ys, g: kd.combine(ys, pos, g, order), x, gates)
+        def fused(x, gates):
+            return loss(lambda a: kd.gather_rows(a, order, K, pos),
+                        lambda ys, g: kd.combine(ys, pos, g, order), x, gates)
 
-    def naive(x, gates):
-        return loss(lambda a: a[order // K],
-                    lambda ys, g: mx.sum(ys[pos] * g[..., None], axis=1), x, gates)
+        def naive(x, gates):
+            return loss(lambda a: a[order // K],
+                        lambda ys, g: mx.sum(ys[pos] * g[..., None], axis=1), x, gates)
 
-    value, grads = mx.value_and_grad(fused, argnums=(0, 1))(x, gates)
-    mx.eval(value, grads)
-    want_value, want_grads = mx.value_and_grad(naive, argnums=(0, 1))(x, gates)
-    close(value, np.array(want_value))
-    for g, w in zip(grads, want_grads):
-        close(g, np.array(w))
-    assert sorted(set(log)) == sorted(kd.KERNELS)  # every kernel ran, none fell back
+        value, grads = mx.value_and_grad(fused, argnums=(0, 1))(c["x"], c["gates"])
+        mx.eval(value, grads)
+        f32 = lambda a: a.astype(F32)  # noqa: E731
+        want_value, want_grads = mx.value_and_grad(naive, argnums=(0, 1))(f32(c["x"]),
+                                                                          f32(c["gates"]))
+        tol = F32 if dtypes == (F32, F32) else BF16  # half runs round more intermediates
+        close(value, np.array(want_value), tol)
+        for g, w in zip(grads, want_grads):
+            close(g, np.array(w), tol)
+    assert sorted(set(kernels.log)) == sorted(sources.KERNELS)  # every kernel ran, none fell back
+
+
+def test_each_dtype_gets_its_own_compiled_kernel(emulator, monkeypatch):
+    """MLX caches a compiled kernel by name + template: float32, then float16, then bfloat16 and
+    mixed-dtype calls of the same kernels must never share a cache key (EmulatedKernels fails a
+    launch that would reuse a binary built for other dtypes)."""
+    kernels = emu.EmulatedKernels(*emulator, sources.KERNELS)
+    emu.fake_gpu(monkeypatch, "metal", kernels)
+    for vdt, gdt in DTYPE_PAIRS + [(F16, F32), (F32, BF16)]:
+        c = make_case(6, 2, 4, 12, "random", vdt=vdt, gdt=gdt)
+        _, (dx,) = mx.vjp(lambda a: kd.gather_rows(a, c["order"], 2, c["pos"]), [c["x"]],
+                          [c["dxs"]])
+        _, (dys, dg) = mx.vjp(lambda a, g: kd.combine(a, c["pos"], g, c["order"]),
+                              [c["ys"], c["gates"]], [c["dy"]])
+        mx.eval(dx, dys, dg)
+    assert len({key[0] for key in kernels.compiled}) == len(sources.KERNELS)
+    assert len(kernels.compiled) > len(sources.KERNELS)  # several instances per kernel

@@ -81,6 +81,9 @@ def test_mapped_open_rejects_a_changed_header(ckpt, tmp_path):
         open_mapped(bad)
 
 
+# cpu: identical tokens need bitwise-equal logits from the full and the offloaded expert
+# stacks; a GPU may round matmuls over differently shaped stacks differently.
+@pytest.mark.cpu
 @pytest.mark.parametrize("dispatch", ["grouped", "gather"])
 @pytest.mark.parametrize("resident", [1, 3])
 def test_offloaded_sampling_gives_identical_tokens(ckpt, dispatch, resident):

@@ -98,6 +98,9 @@ def _losses(run_dir):
     return [(r["step"], r["loss"]) for r in lines if "loss" in r]
 
 
+# cpu: bitwise equality between two runs. On a GPU, MLX's scatter-add (the embedding's
+# gradient, among others) sums with atomics, so the last bits of a run can vary.
+@pytest.mark.cpu
 @pytest.mark.parametrize("kind", ["sparse-adamw", "adafactor"])
 def test_lean_optimizer_trains_and_resumes_exactly(tmp_path, kind):
     corpus = tmp_path / "corpus"

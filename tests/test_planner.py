@@ -46,7 +46,7 @@ def test_param_counts_for_layer_patterns(overrides):
     assert (got.total, got.active) == (want["total"], want["active"])
 
 
-@pytest.mark.parametrize("router", __import__("tinymoe.nn.router_config", fromlist=["ROUTERS"]).ROUTERS)
+@pytest.mark.parametrize("router", __import__("tinymoe.router_registry", fromlist=["ROUTERS"]).ROUTERS)
 def test_param_counts_for_every_router_with_shared_experts(router):
     cfg = dataclasses.replace(load_preset("debug")[0], moe_experts=6, moe_topk=2, router=router, shared_experts=2,
                               k_max=3)

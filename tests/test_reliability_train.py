@@ -17,7 +17,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from tinymoe.io import checkpoint
 from tinymoe.cli.main import cli
-from tinymoe.config import TrainConfig, load_preset
+from tinymoe.config import load_preset
 from tinymoe.errors import TinyMoeError
 from tinymoe.nn.model import Model
 from tinymoe.train.monitor import HealthMonitor
@@ -25,18 +25,12 @@ from tinymoe.io.loader import load_training_state as load_resume_state
 from tinymoe.train.step import Stepper
 from tinymoe.train.trainer import Trainer
 from tinymoe.io.validate import validate_checkpoint
+from debug_run import configs, write_corpus
 
 
 @pytest.fixture
 def corpus(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text("the quick brown fox jumps over the lazy dog. " * 80)
-    return path
-
-
-def configs(corpus, **train):
-    model, tr = load_preset("debug")
-    return model, TrainConfig(**{**tr.__dict__, "data": [str(corpus)], "eval_every": 0, "log_every": 1, **train})
+    return write_corpus(tmp_path)
 
 
 def poison(stepper, when, loss=True, grads=True, value=float("nan")):
@@ -146,7 +140,7 @@ def test_max_bad_steps_flag_through_the_cli(tmp_path, corpus, monkeypatch):
                                       "--max-bad-steps", "2", "--out", str(out), "--quiet"])
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
-    assert lines == ["error: step 2: 2 consecutive steps with a non-finite loss or gradient (max_bad_steps 2); "
+    assert lines == ["error: step 2: 2 consecutive steps with a non-finite loss, gradient or update (max_bad_steps 2); "
                      "training stopped and no checkpoint had been saved yet; try a lower --lr"]
 
 

@@ -40,7 +40,8 @@ LOGITS = [[2.0, 1.0, 0.0], [0.0, 0.5, 3.0]]  # T=2, E=3
 @pytest.mark.parametrize("order", ["softmax-topk", "topk-softmax"])
 def test_topk_both_orders_by_hand(order):
     r = make_router("topk", 2, 3, 2, router_order=order)
-    idx, gates, info, probs = r(with_logits(r, LOGITS))
+    info = r(with_logits(r, LOGITS))
+    idx, gates = info.indices, info.gates
     assert np.array(idx).tolist() == [[0, 1], [2, 1]]
     for t, row in enumerate(LOGITS):
         p = softmax(row)
@@ -48,16 +49,16 @@ def test_topk_both_orders_by_hand(order):
         assert np.allclose(np.array(gates)[t], p[k] / p[k].sum(), atol=1e-6)  # sums to 1
     # Losses by hand: f = slots per expert / (T*K) = (1/4, 2/4, 1/4); P = mean probability.
     P = (softmax(LOGITS[0]) + softmax(LOGITS[1])) / 2
-    assert info["balance_loss"].item() == pytest.approx(3 * np.dot([0.25, 0.5, 0.25], P), rel=1e-5)
+    assert info.balance_loss.item() == pytest.approx(3 * np.dot([0.25, 0.5, 0.25], P), rel=1e-5)
     lse = [math.log(sum(math.exp(v) for v in row)) for row in LOGITS]
-    assert info["z_loss"].item() == pytest.approx((lse[0] ** 2 + lse[1] ** 2) / 2, rel=1e-5)
+    assert info.z_loss.item() == pytest.approx((lse[0] ** 2 + lse[1] ** 2) / 2, rel=1e-5)
     H = [-(softmax(row) * np.log(softmax(row))).sum() for row in LOGITS]
-    assert info["entropy_loss"].item() == pytest.approx(math.log(3) - np.mean(H), rel=1e-5)
+    assert info.entropy_loss.item() == pytest.approx(math.log(3) - np.mean(H), rel=1e-5)
 
 
 def test_topk_without_norm_gates_are_probabilities_and_do_not_sum_to_one():
     r = make_router("topk", 2, 3, 2, norm=False)
-    _, gates, _, _ = r(with_logits(r, LOGITS))
+    gates = r(with_logits(r, LOGITS)).gates
     p = softmax(LOGITS[0])
     assert np.allclose(np.array(gates)[0], [p[0], p[1]], atol=1e-6)
     assert np.array(gates).sum(axis=1).max() < 0.999
@@ -65,7 +66,8 @@ def test_topk_without_norm_gates_are_probabilities_and_do_not_sum_to_one():
 
 def test_switch_is_top1_with_the_probability_as_gate():
     r = make_router("switch", 2, 3, 1)
-    idx, gates, _, _ = r(with_logits(r, LOGITS))
+    out = r(with_logits(r, LOGITS))
+    idx, gates = out.indices, out.gates
     assert np.array(idx).tolist() == [[0], [2]]
     assert np.allclose(np.array(gates)[:, 0], [softmax(LOGITS[0])[0], softmax(LOGITS[1])[2]], atol=1e-6)
 
@@ -73,25 +75,26 @@ def test_switch_is_top1_with_the_probability_as_gate():
 def test_noisy_adds_softplus_scaled_noise_from_the_key_only_while_training():
     r = make_router("noisy", 2, 3, 2, noise_scale=0.7)
     x = with_logits(r, LOGITS)
-    clean_idx, clean_gates, _, _ = r(x, mx.random.key(3))  # eval mode: no noise at all
+    clean_idx = r(x, mx.random.key(3)).indices  # eval mode: no noise at all
     assert np.array(clean_idx).tolist() == [[0, 1], [2, 1]]
     r.train(True)
     key = mx.random.key(3)
     # W_noise starts at 0, so the noise std is softplus(0) = ln 2 on every logit.
     noisy = np.array(LOGITS) + 0.7 * math.log(2) * np.array(mx.random.normal((2, 3), key=key))
-    idx, gates, _, _ = r(x, key)
+    out = r(x, key)
+    idx, gates = out.indices, out.gates
     for t in range(2):
         k = np.argsort(-noisy[t])[:2]
         assert np.array(idx)[t].tolist() == k.tolist()
         assert np.allclose(np.array(gates)[t], softmax(noisy[t][k]), atol=1e-5)  # softmax over the k
-    again = r(x, mx.random.key(3))[1]
+    again = r(x, mx.random.key(3)).gates
     assert np.array_equal(np.array(again), np.array(gates))  # same key, same noise
-    assert not np.allclose(np.array(r(x, mx.random.key(4))[1]), np.array(gates))
+    assert not np.allclose(np.array(r(x, mx.random.key(4)).gates), np.array(gates))
 
 
 def test_noisy_without_norm_keeps_the_full_softmax_probabilities():
     r = make_router("noisy", 2, 3, 2, norm=False)
-    _, gates, _, _ = r(with_logits(r, LOGITS))  # eval mode: no noise
+    gates = r(with_logits(r, LOGITS)).gates  # eval mode: no noise
     p = softmax(LOGITS[0])
     assert np.allclose(np.array(gates)[0], [p[0], p[1]], atol=1e-6)
 
@@ -113,13 +116,13 @@ def test_smart_temperature_scales_the_logits_and_is_learned():
     r = make_router("smart", 2, 3, 2)
     x = with_logits(r, LOGITS)
     r.log_temperature = mx.array([math.log(2.0)])
-    _, gates, _, probs = r(x)
+    probs = r(x).probs
     assert np.allclose(np.array(probs)[0], softmax(np.array(LOGITS[0]) / 2), atol=1e-6)
 
     def loss(log_t):
         r.log_temperature = log_t
-        _, g, info, _ = r(x)
-        return mx.sum(g[:, 0]) + info["entropy_loss"]
+        out = r(x)
+        return mx.sum(out.gates[:, 0]) + out.entropy_loss
 
     assert abs(mx.grad(loss)(mx.array([0.3])).item()) > 1e-4
 
@@ -128,7 +131,8 @@ def test_sigmoid_bias_steers_selection_but_not_gates_and_updates_from_load():
     r = make_router("sigmoid-bias", 2, 3, 2, bias_rate=0.25)
     x = with_logits(r, [[0.0, 1.0, 2.0]])
     r.selection_bias = mx.array([5.0, 0.0, 0.0])
-    idx, gates, _, probs = r(x)
+    out = r(x)
+    idx, gates, probs = out.indices, out.gates, out.probs
     assert np.array(idx).tolist() == [[0, 2]]  # the bias lifts expert 0 over expert 1
     s = sigmoid([0.0, 1.0, 2.0])
     assert np.allclose(np.array(gates)[0], [s[0], s[2]] / (s[0] + s[2]), atol=1e-6)  # unbiased scores
@@ -143,23 +147,24 @@ def test_node_limited_groups_pick_the_best_group_first():
     # Groups {0,1} and {2,3}; group score = sum of its two best sigmoid scores: 1.22 vs 1.00, so the
     # token stays in group 0 although expert 2 has the single best score.
     r = make_router("sigmoid-bias", 2, 4, 2, router_groups=2, router_group_topk=1)
-    idx, _, _, _ = r(with_logits(r, [[0.5, 0.4, 2.2, -2.2]]))
+    idx = r(with_logits(r, [[0.5, 0.4, 2.2, -2.2]])).indices
     assert np.array(idx).tolist() == [[0, 1]]
     r2 = make_router("topk", 2, 4, 2, router_groups=2, router_group_topk=2)
-    assert np.array(r2(with_logits(r2, [[0.5, 0.4, 2.2, -2.2]]))[0]).tolist() == [[2, 0]]
+    assert np.array(r2(with_logits(r2, [[0.5, 0.4, 2.2, -2.2]])).indices).tolist() == [[2, 0]]
 
 
 def test_dynamic_uses_the_fewest_experts_reaching_the_threshold():
     probs = np.array([[0.6, 0.3, 0.1], [0.4, 0.35, 0.25], [0.34, 0.33, 0.33]])
     r = make_router("dynamic", 3, 3, 3, k_min=1, k_max=3, dynamic_threshold=0.7)
-    idx, gates, info, _ = r(with_logits(r, np.log(probs)))
-    sel = np.array(info["selected"])
+    info = r(with_logits(r, np.log(probs)))
+    gates = info.gates
+    sel = np.array(info.selected)
     # 0.6 < 0.7 -> 2 experts; 0.4, 0.75 -> 2; 0.34, 0.67, 1.0 -> 3.
     assert sel.tolist() == [[True, True, False], [True, True, False], [True, True, True]]
     assert np.allclose(np.array(gates)[0], [0.6 / 0.9, 0.3 / 0.9, 0.0], atol=1e-5)
     assert np.allclose(np.array(gates).sum(axis=1), 1.0, atol=1e-5)
     # Load over the 7 selected slots: expert 0 three, expert 1 three, expert 2 one.
-    assert np.allclose(np.array(info["load"]), [3 / 7, 3 / 7, 1 / 7], atol=1e-6)
+    assert np.allclose(np.array(info.load), [3 / 7, 3 / 7, 1 / 7], atol=1e-6)
     layer = MoELayer(3, 3, 3, 2, router="dynamic", k_min=2, k_max=3, dynamic_threshold=0.1)
     layer.train(False)
     _, stats = layer(mx.array(np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)))
@@ -172,13 +177,14 @@ def test_expert_choice_each_expert_takes_its_top_tokens():
     layer = MoELayer(4, 2, 1, 3, router="expert-choice")
     layer.train(False)
     x = with_logits(layer.router, logits)
-    idx, gates, info, probs = layer.router(x)
+    info = layer.router(x)
+    idx, gates = info.indices, info.gates
     p = np.array([softmax(row) for row in logits])
     # Expert 0's best tokens: 0 (0.88), 1 (0.73); expert 1's: 3 (0.95), 2 (0.62).
-    assert np.array(info["ec_tokens"]).tolist() == [[0, 1], [3, 2]]
-    assert np.array(info["selected"]).tolist() == [[True, False], [True, False], [False, True], [False, True]]
-    assert np.allclose(np.array(gates), p * np.array(info["selected"]), atol=1e-6)
-    assert info["balance_loss"].item() == pytest.approx(1.0, abs=1e-6)  # balanced by construction
+    assert np.array(info.tokens_EC).tolist() == [[0, 1], [3, 2]]
+    assert np.array(info.selected).tolist() == [[True, False], [True, False], [False, True], [False, True]]
+    assert np.allclose(np.array(gates), p * np.array(info.selected), atol=1e-6)
+    assert info.balance_loss.item() == pytest.approx(1.0, abs=1e-6)  # balanced by construction
     # The expert pass equals the dense reference with these (T, E) gates.
     from tinymoe.nn.dispatch import dense
 
@@ -228,7 +234,7 @@ def test_gradient_reaches_the_router_through_gates_only(name):
 
     def indices(w):
         layer.router.weight = w
-        return layer.router(x, key)[0].astype(mx.float32)
+        return layer.router(x, key).indices.astype(mx.float32)
 
     # Without stop_gradient on the indices MLX refuses this gradient (VJP of a gather's indices).
     assert np.abs(np.array(mx.grad(out)(w0))).sum() > 0

@@ -76,6 +76,9 @@ def _losses(run_dir):
     return [(r["step"], r["loss"]) for r in lines if "loss" in r]
 
 
+# cpu: bitwise equality between two runs. On a GPU, MLX's scatter-add (the embedding's
+# gradient, among others) sums with atomics, so the last bits of a run can vary.
+@pytest.mark.cpu
 @pytest.mark.parametrize("dispatch, grad_accum", [("grouped", 1), ("gather", 2)])
 def test_resume_equals_straight_run(tmp_path, corpus, dispatch, grad_accum):
     N = 8

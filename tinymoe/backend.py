@@ -100,3 +100,32 @@ def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
         mx.eval(a @ b)
     seconds = (time.perf_counter() - start) / repeats
     return 2 * n**3 / seconds / 1e9
+
+
+def metal_device_info() -> dict | None:
+    """MLX's facts about the Mac GPU, or None where Metal is unavailable.
+
+    Keys (MLX's Metal backend): device_name (the chip, e.g. "Apple M2 Max"), architecture,
+    memory_size (bytes of unified memory), max_recommended_working_set_size (bytes: the GPU
+    working-set limit in force, macOS's recommendedMaxWorkingSetSize, which
+    `sudo sysctl iogpu.wired_limit_mb=N` raises), max_buffer_length, resource_limit.
+    """
+    import mlx.core as mx
+
+    if not mx.metal.is_available():
+        return None
+    try:
+        info = mx.device_info(mx.gpu) if hasattr(mx, "device_info") else mx.metal.device_info()
+    except Exception:  # an MLX without either spelling: the caller falls back to assumptions
+        return None
+    return dict(info) or None
+
+
+def mac_memory_facts() -> dict | None:
+    """{chip, memory_gib, working_set_gib} of this Mac's GPU (see metal_device_info), or None."""
+    info = metal_device_info()
+    if not info or not info.get("memory_size") or not info.get("max_recommended_working_set_size"):
+        return None
+    return {"chip": str(info.get("device_name", "unknown Apple GPU")),
+            "memory_gib": int(info["memory_size"]) / 2**30,
+            "working_set_gib": int(info["max_recommended_working_set_size"]) / 2**30}

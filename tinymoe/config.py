@@ -9,6 +9,8 @@ wrong types; `validate` rejects impossible combinations. Every problem is a one-
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import sys
 from dataclasses import dataclass, field, fields
 from importlib import resources
@@ -20,7 +22,19 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from tinymoe.errors import TinyMoeError
-from tinymoe.nn.router_config import check_router
+from tinymoe.names import DISPATCH_CHOICES, OPTIMIZER_STATE_DTYPES, OPTIMIZERS
+from tinymoe.router_registry import check_router
+
+# Integer bounds, checked by `validate`. Sizes, counts and step numbers reach MLX as int32 (a
+# larger value raises OverflowError, or crashes inside an allocation); a seed is any value a TOML
+# preset can hold (signed 64-bit), all of which mx.random.seed and numpy's generators accept.
+MAX_INT = 2**31 - 1
+MAX_SEED = 2**63 - 1
+# Float settings reach MLX as float32: beyond its range they are inf, below its smallest normal
+# number a positive epsilon or RoPE base is 0 (and training is NaN from the first step).
+FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_TINY = 1.1754943508222875e-38
+_PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 @dataclass
@@ -45,7 +59,7 @@ class ModelConfig:
     router_norm: bool = True  # renormalise the top-k gates to sum to 1
     aux_loss_weight: float = 0.01  # Switch load-balancing loss
     z_loss_weight: float = 0.001  # router z-loss (ST-MoE)
-    # Routers and balancing (docs/routers.md; tinymoe.nn.router_config says which router reads what).
+    # Routers and balancing (docs/routers.md; tinymoe.router_registry says which router reads what).
     router: str = "topk"  # topk switch noisy jitter sigmoid-bias expert-choice smart dynamic
     router_order: str = "softmax-topk"  # or topk-softmax (Mixtral: softmax over the k logits)
     noise_scale: float = 1.0  # noisy: scale of the learned-std Gaussian logit noise (0 = none)
@@ -121,7 +135,14 @@ def load_preset(name_or_path: str) -> tuple[ModelConfig, TrainConfig]:
     if name_or_path.endswith(".toml"):
         if not path.is_file():
             raise TinyMoeError(f"preset file not found: {name_or_path}")
-        text = path.read_text()
+        try:
+            text = path.read_bytes().decode("utf-8")  # TOML is UTF-8 by definition
+        except OSError as exc:
+            raise TinyMoeError(f"preset {name_or_path}: cannot read ({exc.strerror or exc})") from None
+        except UnicodeDecodeError as exc:
+            raise TinyMoeError(f"preset {name_or_path}: invalid TOML: not UTF-8 text (byte {exc.start})") from None
+    elif not _PRESET_NAME.fullmatch(name_or_path):  # a name, not a path (and no NUL byte for the OS)
+        raise TinyMoeError(f"unknown preset '{name_or_path}' (choose from: {', '.join(preset_names())})")
     else:
         res = resources.files("tinymoe.presets") / f"{name_or_path}.toml"
         if not res.is_file():
@@ -136,6 +157,10 @@ def load_preset(name_or_path: str) -> tuple[ModelConfig, TrainConfig]:
     unknown = set(raw) - set(PRESET_SECTIONS)
     if unknown:
         raise TinyMoeError(f"preset {name_or_path}: unknown section(s) {sorted(unknown)}")
+    for section, table in raw.items():
+        if not isinstance(table, dict):
+            raise TinyMoeError(f"preset {name_or_path}: '{section}' must be a table ([{section}]), "
+                               f"got {type(table).__name__}")
     model = apply_overrides(ModelConfig(), raw.get("model", {}), f"preset {name_or_path} [model]")
     train = apply_overrides(TrainConfig(), raw.get("train", {}), f"preset {name_or_path} [train]")
     return model, train
@@ -148,7 +173,12 @@ def _coerce(value, current, key: str, where: str):
         ok = isinstance(value, bool)
     elif expected is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
+        try:
+            value = float(value) if ok else value
+        except OverflowError:  # an int beyond the float range
+            ok = False
+        if ok and not math.isfinite(value):  # TOML and click both accept nan and inf
+            raise TinyMoeError(f"{where}: '{key}' must be a finite number, got {value}")
     elif expected is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif expected is list:
@@ -156,9 +186,9 @@ def _coerce(value, current, key: str, where: str):
     else:
         ok = isinstance(value, expected)
     if not ok:
-        raise TinyMoeError(
-            f"{where}: '{key}' must be {expected.__name__}, got {type(value).__name__} {value!r}"
-        )
+        shown = repr(value) if not isinstance(value, int) or abs(value) < 10**60 else "(a huge number)"
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."  # a whole TOML table is no message
+        raise TinyMoeError(f"{where}: '{key}' must be {expected.__name__}, got {type(value).__name__} {shown}")
     return value
 
 
@@ -173,8 +203,24 @@ def apply_overrides(cfg, overrides: dict, where: str = "override"):
     return dataclasses.replace(cfg, **changes)
 
 
+def _check_numbers(cfg) -> None:
+    """Every float finite and every int within MLX's int32 (a seed: within int64), whatever the
+    source: a config built in code or read from a manifest has not been through `_coerce`."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise TinyMoeError(f"{f.name} must be a finite number, got {value}")
+        if isinstance(value, float) and abs(value) > FLOAT32_MAX:
+            raise TinyMoeError(f"{f.name} {value:g} is beyond float32 (at most {FLOAT32_MAX:.4g} in magnitude)")
+        if isinstance(value, int) and not isinstance(value, bool):
+            limit = MAX_SEED if f.name == "seed" else MAX_INT
+            if abs(value) > limit:
+                raise TinyMoeError(f"{f.name} must be at most {limit}, got {value}")
+
+
 def validate(model: ModelConfig, train: TrainConfig | None = None) -> None:
     """Reject impossible settings with a one-line message."""
+    _check_numbers(model)
     positive = ["vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "context", "d_ff"]
     positive += ["moe_experts", "moe_topk", "moe_every"]
     for name in positive:
@@ -193,9 +239,19 @@ def validate(model: ModelConfig, train: TrainConfig | None = None) -> None:
         raise TinyMoeError(f"moe_topk {model.moe_topk} exceeds moe_experts {model.moe_experts}")
     if model.aux_loss_weight < 0 or model.z_loss_weight < 0:
         raise TinyMoeError("router loss weights must be >= 0")
+    for name in ["norm_eps", "rope_theta"]:  # RMSNorm divides by sqrt(ms + eps); RoPE takes log(theta)
+        if not getattr(model, name) >= FLOAT32_TINY:
+            raise TinyMoeError(f"{name} must be positive (at least {FLOAT32_TINY:.4g}, float32's smallest normal "
+                               f"number), got {getattr(model, name)}")
     check_router(model)
     if train is None:
         return
+    _check_numbers(train)
+    if train.seed < 0:
+        raise TinyMoeError(f"seed must be >= 0, got {train.seed}")
+    for name in ["beta1", "beta2"]:  # AdamW's moment decays; 1 or more never forgets or diverges
+        if not 0 <= getattr(train, name) < 1:
+            raise TinyMoeError(f"{name} must be in [0, 1), got {getattr(train, name)}")
     for name in ["steps", "batch_size", "grad_accum", "eval_batches", "log_every", "max_bad_steps",
                  "spike_window"]:
         if getattr(train, name) <= 0:
@@ -209,18 +265,16 @@ def validate(model: ModelConfig, train: TrainConfig | None = None) -> None:
         raise TinyMoeError(f"val_fraction must be in [0, 1), got {train.val_fraction}")
     if not 0 <= train.min_lr_ratio <= 1:
         raise TinyMoeError(f"min_lr_ratio must be in [0, 1], got {train.min_lr_ratio}")
-    if train.optimizer not in ("adamw", "sparse-adamw", "adafactor"):
-        raise TinyMoeError(f"unknown optimizer '{train.optimizer}' (choose from adamw, sparse-adamw, adafactor)")
-    if train.optimizer_state_dtype not in ("float32", "bfloat16"):
+    if train.optimizer not in OPTIMIZERS:
+        raise TinyMoeError(f"unknown optimizer '{train.optimizer}' (choose from {', '.join(OPTIMIZERS)})")
+    if train.optimizer_state_dtype not in OPTIMIZER_STATE_DTYPES:
         raise TinyMoeError(f"unknown optimizer state dtype '{train.optimizer_state_dtype}' "
-                           f"(choose from float32, bfloat16)")
+                           f"(choose from {', '.join(OPTIMIZER_STATE_DTYPES)})")
     if train.optimizer == "adamw" and train.optimizer_state_dtype != "float32":
         raise TinyMoeError("optimizer_state_dtype bfloat16 needs optimizer sparse-adamw or adafactor "
                            "(adamw keeps float32 moments)")
-    from tinymoe.nn.dispatch import BACKENDS  # no MLX import at module level there
-
-    if train.dispatch not in ("auto", *BACKENDS):
-        raise TinyMoeError(f"unknown dispatch '{train.dispatch}' (choose from auto, {', '.join(BACKENDS)})")
+    if train.dispatch not in DISPATCH_CHOICES:
+        raise TinyMoeError(f"unknown dispatch '{train.dispatch}' (choose from {', '.join(DISPATCH_CHOICES)})")
 
 
 def to_dict(cfg) -> dict:

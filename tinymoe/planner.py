@@ -28,9 +28,11 @@ Sampling needs the weights (only `resident_experts` experts per MoE layer when o
 the KV cache, no gradients or optimizer state; offloading adds the prefill's working set
 (tinymoe.infer.offload: a prompt may touch more experts than the cache keeps).
 
-The verdict compares the total with a usable budget: by default 75% of the machine's memory,
-which is Metal's default GPU working-set limit (`recommendedMaxWorkingSetSize`) on Apple
-Silicon Macs with more than 36 GB; the remaining quarter is left to macOS and other programs.
+The verdict compares the total with a usable budget. On a Mac it is the Metal working-set limit
+actually in force (`recommendedMaxWorkingSetSize`, read from MLX by tinymoe.backend and passed in
+through `machine_budget`); elsewhere it assumes the 48 GB Mac the presets are sized for, at 75%
+of its memory: Metal's default limit on Apple Silicon Macs with more than 36 GB, the remaining
+quarter being left to macOS and other programs.
 """
 
 from __future__ import annotations
@@ -39,18 +41,18 @@ from dataclasses import dataclass
 
 from tinymoe.config import ModelConfig
 from tinymoe.errors import TinyMoeError
+from tinymoe.names import DTYPE_BYTES, OPTIMIZERS
+from tinymoe.router_registry import active_experts, active_params, router_factored_state, router_params
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 DEFAULT_MEMORY_GIB = 48.0
 DEFAULT_USABLE_FRACTION = 0.75  # Metal's default GPU working-set limit on large-memory Macs
-OPTIMIZERS = ("adamw", "sparse-adamw", "adafactor")
 GIB = 2**30
 
 
 @dataclass
 class ParamCounts:
     total: int
-    active: int  # per token: embeddings, attention, dense FFNs, routers and K of E experts
+    active: int  # per token: embeddings, attention, dense FFNs, routers, shared and K of E experts
     expert: int  # all expert weights (the part that lives in experts.safetensors)
     per_expert: int  # one expert of one MoE layer
     moe_layers: int
@@ -70,22 +72,20 @@ def _shared_expert_params(cfg: ModelConfig) -> int:
     return getattr(cfg, "shared_experts", 0) * 3 * cfg.d_model * cfg.expert_d_ff
 
 
-def _router_params(cfg: ModelConfig) -> int:
-    """The router's weight (E, D) plus what some routers add (tinymoe.nn.routers)."""
-    extra = {"noisy": cfg.moe_experts * cfg.d_model,  # learned noise scale per expert
-             "smart": 1,  # learned temperature
-             "sigmoid-bias": cfg.moe_experts}  # balancing bias (frozen, but stored)
-    return cfg.moe_experts * cfg.d_model + extra.get(getattr(cfg, "router", "topk"), 0)
+def moe_layer_count(cfg: ModelConfig) -> int:
+    """How many blocks `cfg.layer_is_moe`, in closed form: a config may claim 10**9 layers (a typo,
+    a fuzzer) and the planner, which the memory check runs before anything is built, must still
+    answer at once. MoE layers are L >= moe_first_dense with (L + 1) % moe_every == 0."""
+    if not cfg.is_moe or cfg.moe_every <= 0 or cfg.n_layers <= max(cfg.moe_first_dense, 0):
+        return 0
+    # multiples of moe_every among L + 1 in [moe_first_dense + 1, n_layers]
+    return cfg.n_layers // cfg.moe_every - max(cfg.moe_first_dense, 0) // cfg.moe_every
 
 
-def routed_k(cfg: ModelConfig) -> int:
-    """Experts a token can use: switch always 1, dynamic up to k_max, otherwise moe_topk."""
-    router = getattr(cfg, "router", "topk")
-    if router == "switch":
-        return 1
-    if router == "dynamic":
-        return getattr(cfg, "k_max", 0) or cfg.moe_topk
-    return cfg.moe_topk
+def _layer_kinds(cfg: ModelConfig) -> tuple[tuple[bool, int], tuple[bool, int]]:
+    """((False, dense blocks), (True, MoE blocks)): the per-layer sums below multiply, not loop."""
+    moe = moe_layer_count(cfg)
+    return (False, cfg.n_layers - moe), (True, moe)
 
 
 def param_counts(cfg: ModelConfig) -> ParamCounts:
@@ -94,17 +94,16 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
     total = cfg.vocab_size * d + d  # embedding + final norm
     if not cfg.tie_embeddings:
         total += cfg.vocab_size * d
-    expert = idle = moe_layers = 0
-    for layer in range(cfg.n_layers):
-        total += 2 * d + _attention_params(cfg)  # two RMSNorms + attention
-        if cfg.layer_is_moe(layer):
-            moe_layers += 1
-            total += _router_params(cfg) + cfg.moe_experts * per_expert + _shared_expert_params(cfg)
-            expert += cfg.moe_experts * per_expert
-            idle += (cfg.moe_experts - routed_k(cfg)) * per_expert
+    expert = moe_layers = 0
+    for is_moe, count in _layer_kinds(cfg):
+        total += count * (2 * d + _attention_params(cfg))  # two RMSNorms + attention
+        if is_moe:
+            moe_layers += count
+            total += count * (router_params(cfg) + cfg.moe_experts * per_expert + _shared_expert_params(cfg))
+            expert += count * cfg.moe_experts * per_expert
         else:
-            total += 3 * d * cfg.d_ff
-    return ParamCounts(total, total - idle, expert, per_expert, moe_layers)
+            total += count * 3 * d * cfg.d_ff
+    return ParamCounts(total, active_params(cfg, total, per_expert), expert, per_expert, moe_layers)
 
 
 def _adafactor_state_elements(cfg: ModelConfig, expert_state_fraction: float) -> float:
@@ -113,20 +112,18 @@ def _adafactor_state_elements(cfg: ModelConfig, expert_state_fraction: float) ->
     d, h, dh = cfg.d_model, cfg.expert_d_ff, cfg.head_dim
     q, kv = cfg.n_heads * dh, cfg.n_kv_heads * dh
     n = (cfg.vocab_size + d) * (1 if cfg.tie_embeddings else 2) + d  # embedding, head, final norm
-    for layer in range(cfg.n_layers):
-        n += 2 * d + (q + d) + 2 * (kv + d) + (d + q)  # two norms, wq, wk, wv, wo
+    for is_moe, count in _layer_kinds(cfg):
+        layer = 2 * d + (q + d) + 2 * (kv + d) + (d + q)  # two norms, wq, wk, wv, wo
         if cfg.attn_bias:
-            n += q + 2 * kv
-        if not cfg.layer_is_moe(layer):
-            n += 3 * (cfg.d_ff + d)
+            layer += q + 2 * kv
+        if not is_moe:
+            n += count * (layer + 3 * (cfg.d_ff + d))
             continue
-        router = getattr(cfg, "router", "topk")
-        # noisy: a second (E, D) matrix; smart: a (1,) temperature; sigmoid-bias: its bias is frozen
-        n += (cfg.moe_experts + d) * (2 if router == "noisy" else 1) + (1 if router == "smart" else 0)
+        layer += router_factored_state(cfg)  # e.g. noisy's second (E, D) matrix; a frozen bias has none
         shared = getattr(cfg, "shared_experts", 0)
         if shared:
-            n += 3 * (shared * h + d)
-        n += expert_state_fraction * cfg.moe_experts * 3 * (h + d)
+            layer += 3 * (shared * h + d)
+        n += count * (layer + expert_state_fraction * cfg.moe_experts * 3 * (h + d))
     return n
 
 
@@ -136,23 +133,47 @@ def _activation_bytes(cfg: ModelConfig, batch: int, context: int, act_bytes: int
     tokens = batch * context
     attn = 6 * d + 3 * kv  # norm in/out, q, k, v, rotated q/k, attention output, projection
     per_token = 0
-    for layer in range(cfg.n_layers):
-        per_token += attn
-        if cfg.layer_is_moe(layer):
+    for is_moe, count in _layer_kinds(cfg):
+        per_token += count * attn
+        if is_moe:
             # norm in/out, router logits + probs, then per routed slot: gathered input, gate, up,
             # silu, product, output; and the combined output
-            per_token += 3 * d + 3 * cfg.moe_experts + cfg.moe_topk * (2 * d + 4 * h)
+            per_token += count * (3 * d + 3 * cfg.moe_experts + cfg.moe_topk * (2 * d + 4 * h))
         else:
-            per_token += 3 * d + 4 * cfg.d_ff
+            per_token += count * (3 * d + 4 * cfg.d_ff)
     per_token += 3 * cfg.vocab_size  # logits, log-softmax and their gradient
     scores = cfg.n_layers * batch * cfg.n_heads * context * context * 2  # scores + probabilities
     return (tokens * per_token + scores) * act_bytes
 
 
+def machine_budget(mac: dict | None) -> tuple[float, float, str]:
+    """(memory GiB, usable fraction, where they come from) for planning on this machine. `mac`:
+    tinymoe.backend.mac_memory_facts() (chip, memory_gib, working_set_gib), None off a Mac."""
+    if mac:
+        return (mac["memory_gib"], min(1.0, mac["working_set_gib"] / mac["memory_gib"]),
+                f"the Metal working-set limit in force on this {mac['chip']}")
+    return (DEFAULT_MEMORY_GIB, DEFAULT_USABLE_FRACTION,
+            "the default Metal working-set limit of a 48 GB Mac (assumed: this is not a Mac)")
+
+
+def presets_that_fit(memory_gib: float, usable_fraction: float) -> dict[str, bool]:
+    """Each preset's training run at its own batch, optimizer and dtypes: does it fit the budget?"""
+    from tinymoe.config import load_preset, preset_names
+
+    fits = {}
+    for name in preset_names():
+        model_cfg, train_cfg = load_preset(name)
+        fits[name] = plan(model_cfg, batch=train_cfg.batch_size, optimizer=train_cfg.optimizer,
+                          state_dtype=train_cfg.optimizer_state_dtype, memory_gib=memory_gib,
+                          usable_fraction=usable_fraction)["fits"]
+    return fits
+
+
 def plan(cfg: ModelConfig, *, mode: str = "train", batch: int = 1, context: int | None = None,
          param_dtype: str = "float32", optimizer: str = "adamw", state_dtype: str = "float32",
          expert_state_fraction: float = 1.0, resident_experts: int = 0, prompt_tokens: int | None = None,
-         memory_gib: float = DEFAULT_MEMORY_GIB, usable_fraction: float = DEFAULT_USABLE_FRACTION) -> dict:
+         memory_gib: float = DEFAULT_MEMORY_GIB, usable_fraction: float = DEFAULT_USABLE_FRACTION,
+         limit_source: str = "the default Metal GPU working-set limit") -> dict:
     """Parameters, memory per component (bytes), total, and whether it fits the budget."""
     if mode not in ("train", "sample"):
         raise TinyMoeError(f"unknown plan mode '{mode}' (choose from train, sample)")
@@ -184,7 +205,7 @@ def plan(cfg: ModelConfig, *, mode: str = "train", batch: int = 1, context: int 
             # and the stacked copy) before evicting down to N; distinct experts assume balanced
             # routing: E (1 - (1 - K/E)^tokens).
             tokens = batch * (prompt_tokens or context)
-            k = min(routed_k(cfg), cfg.moe_experts)
+            k = min(active_experts(cfg), cfg.moe_experts)
             distinct = cfg.moe_experts * (1 - (1 - k / cfg.moe_experts) ** tokens)
             parts["offload_prefill"] = int(max(0.0, 2 * distinct - kept) * counts.per_expert * p_bytes)
     else:
@@ -210,7 +231,7 @@ def plan(cfg: ModelConfig, *, mode: str = "train", batch: int = 1, context: int 
                             "optimizer": optimizer, "optimizer_state_dtype": state_dtype,
                             "expert_state_fraction": expert_state_fraction,
                             "resident_experts": resident_experts, "memory_gib": memory_gib,
-                            "usable_fraction": usable_fraction}}
+                            "usable_fraction": usable_fraction, "limit_source": limit_source}}
 
 
 def format_plan(result: dict, title: str) -> str:
@@ -226,6 +247,6 @@ def format_plan(result: dict, title: str) -> str:
     lines.append(f"  {'total':<17} {gib(result['total_bytes'])}")
     verdict = "fits" if result["fits"] else "does NOT fit"
     lines.append(f"  {verdict} in {gib(result['budget_bytes']).strip()} usable "
-                 f"({a['usable_fraction']:.0%} of {a['memory_gib']:g} GiB: the default Metal GPU working-set "
-                 f"limit; the rest is left to the OS)")
+                 f"({a['usable_fraction']:.0%} of {a['memory_gib']:.4g} GiB, "
+                 f"{a.get('limit_source', 'the default Metal GPU working-set limit')}; the rest is left to the OS)")
     return "\n".join(lines)

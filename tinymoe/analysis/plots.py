@@ -9,12 +9,12 @@ PNG and returns its path.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from tinymoe.analysis.stats import load_cv
 from tinymoe.errors import TinyMoeError
+from tinymoe.io import metrics_log
 
 DPI = 100
 
@@ -122,17 +122,8 @@ def read_metrics(path) -> list[dict]:
         path = path / "metrics.jsonl"
     if not path.is_file():
         raise TinyMoeError(f"{path}: no such metrics file (is this a tinymoe run directory?)")
-    records = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            raise TinyMoeError(f"{path}:{n}: not valid JSON") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
-            raise TinyMoeError(f"{path}:{n}: a record needs an integer 'step'")
-        records.append(rec)
+    # A torn last line (a crash mid-write) is dropped, other malformed lines skipped with a warning.
+    records = [rec for _, rec in metrics_log.read_records(path)]
     if not records:
         raise TinyMoeError(f"{path}: no records yet")
     return records

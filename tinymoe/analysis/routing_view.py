@@ -16,6 +16,8 @@ import os
 
 import numpy as np
 
+from tinymoe.tokenizers.stream import token_pieces  # linear-time; re-exported for callers
+
 # Light backgrounds under black text stay readable on dark and light terminals alike; the first
 # eight (the usual expert count of small MoEs) are the most different hues.
 PALETTE = (117, 214, 120, 211, 229, 141, 250, 180, 87, 209, 150, 183, 223, 110, 186, 158)
@@ -89,23 +91,6 @@ def generation_routing(records: list, n_layers: int, n_prompt: int, n_generated:
         out.extend(_rows(call, n_layers, slice(-1, None)))
     out.extend([None] * (n_prompt + n_generated - len(out)))
     return out
-
-
-def token_pieces(tokenizer, ids: list[int]) -> list[str]:
-    """The text each token adds. A token that ends inside a UTF-8 character adds nothing; the
-    character appears with the token that completes it."""
-    pieces, printed = [], ""
-    for i in range(len(ids)):
-        text = tokenizer.decode(ids[: i + 1]).rstrip("\ufffd")
-        if text.startswith(printed):
-            pieces.append(text[len(printed):])
-        else:  # a tokenizer that rewrote earlier text: fall back to the token on its own
-            pieces.append(tokenizer.decode(ids[i:i + 1]))
-        printed = text
-    full = tokenizer.decode(ids) if ids else ""
-    if pieces and full.startswith(printed) and len(full) > len(printed):
-        pieces[-1] += full[len(printed):]  # held-back replacement characters at the very end
-    return pieces
 
 
 def token_records(tokenizer, ids: list[int], routing: list, n_prompt: int | None = None) -> list[dict]:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tinymoe.errors import TinyMoeError
+from tinymoe.text_input import clean_text
 
 DEFAULT_DOMAIN = "default"
 SEPARATOR = "\n\n"
@@ -69,13 +70,23 @@ def _walk_directory(root: Path) -> list[tuple[Path, str]]:
     return found
 
 
-def _expand_spec(spec: str) -> list[tuple[Path, str, bool]]:
-    """(file, domain, domain_is_explicit) for one spec, in a deterministic order."""
-    tag = None
-    path_text = spec
+def split_domain_tag(spec: str) -> tuple[str | None, str]:
+    """(domain tag or None, path text) of a `DOMAIN=PATH` or plain spec; an existing path that
+    happens to contain '=' is a plain path."""
     match = _DOMAIN_TAG.fullmatch(spec)
     if match and not Path(spec).exists():
-        tag, path_text = match.group(1), match.group(2)
+        return match.group(1), match.group(2)
+    return None, spec
+
+
+def expand_specs(specs: list[str]) -> list[tuple[Path, str, bool]]:
+    """(file, domain, domain_is_explicit) of every file the specs name, in reading order."""
+    return [item for spec in specs for item in _expand_spec(str(spec))]
+
+
+def _expand_spec(spec: str) -> list[tuple[Path, str, bool]]:
+    """(file, domain, domain_is_explicit) for one spec, in a deterministic order."""
+    tag, path_text = split_domain_tag(spec)
     path = Path(path_text).expanduser()
     if path.is_file():
         files = [(path, DEFAULT_DOMAIN)]
@@ -126,6 +137,9 @@ def _read_jsonl(
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise TinyMoeError(f"{path}:{line_no}: invalid JSON ({exc.msg})") from exc
+        except (ValueError, RecursionError) as exc:  # an integer of 4300+ digits; nesting too deep
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else "a number too long to read"
+            raise TinyMoeError(f"{path}:{line_no}: invalid JSON ({reason})") from None
         if not isinstance(record, dict):
             kind = type(record).__name__
             raise TinyMoeError(f"{path}:{line_no}: expected a JSON object, got {kind}")
@@ -138,7 +152,8 @@ def _read_jsonl(
             if not isinstance(record[domain_field], str) or not record[domain_field]:
                 raise TinyMoeError(f"{path}:{line_no}: field '{domain_field}' must be a string")
             record_domain = record[domain_field]
-        documents.append(Document(record[text_field], record_domain, f"{path}:{line_no}"))
+        # A JSON "\ud800" escape is a lone surrogate, which no tokenizer can encode: U+FFFD instead.
+        documents.append(Document(clean_text(record[text_field]), clean_text(record_domain), f"{path}:{line_no}"))
     return documents
 
 
@@ -149,14 +164,13 @@ def read_documents(
     if isinstance(specs, (str, Path)):
         specs = [str(specs)]
     documents: list[Document] = []
-    for spec in specs:
-        for path, domain, explicit in _expand_spec(str(spec)):
-            if path.name.endswith(".jsonl"):
-                documents.extend(_read_jsonl(path, domain, explicit, text_field, domain_field))
-                continue
-            text = _read_text_file(path)
-            if text is not None:
-                documents.append(Document(text, domain, str(path)))
+    for path, domain, explicit in expand_specs(specs):
+        if path.name.endswith(".jsonl"):
+            documents.extend(_read_jsonl(path, domain, explicit, text_field, domain_field))
+            continue
+        text = _read_text_file(path)
+        if text is not None:
+            documents.append(Document(text, domain, str(path)))
     where = ", ".join(str(s) for s in specs) or "(no paths given)"
     if not documents:
         raise TinyMoeError(f"{where}: no documents found")

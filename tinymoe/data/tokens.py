@@ -16,6 +16,7 @@ import numpy as np
 
 from tinymoe.data.corpus import SEPARATOR, Document
 from tinymoe.errors import TinyMoeError
+from tinymoe.jsonutil import dumps
 
 CACHE_FORMAT = "tinymoe-token-cache-v1"
 
@@ -128,6 +129,6 @@ def tokenize_documents(docs: list[Document], tokenizer, cache_dir: Path | None) 
         "tokenizer": tokenizer.to_manifest(),
     }
     # The metadata goes last: its presence marks the two arrays as complete.
-    _write_atomically(cache_dir / f"{key}.json", json.dumps(meta, indent=1).encode())
+    _write_atomically(cache_dir / f"{key}.json", dumps(meta, indent=1).encode())
     loaded = _load_cache(cache_dir, key)
     return loaded if loaded is not None else TokenData(tokens, domain_ids, domain_names)

@@ -22,6 +22,7 @@ calls, not within a prefill. Hit rate counts, per layer and call, each distinct 
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 
 import mlx.core as mx
@@ -71,19 +72,23 @@ class OffloadRouter(nn.Module):
 
     def __call__(self, x):
         out = self.inner(x)
-        indices = out[0]
+        indices = out.indices
         ids = sorted(set(np.array(indices).reshape(-1).tolist()))  # host sync: loading is data-dependent
         w_gate, w_up, w_down = self._cache.stack(ids)
         self._experts.w_gate, self._experts.w_up, self._experts.w_down = w_gate, w_up, w_down
         table = np.zeros(self._cache.num_experts, dtype=np.uint32)
         table[ids] = np.arange(len(ids), dtype=np.uint32)  # monotonic: keeps the experts' order
         renumbered = mx.array(table)[indices].astype(indices.dtype)
-        return (renumbered, *out[1:])
+        return dataclasses.replace(out, indices=renumbered)
 
 
-def load_model_offloaded(path, resident_experts: int, dispatch: str = "auto", verify_hashes: bool = False):
+def load_model_offloaded(path, resident_experts: int, dispatch: str = "auto", verify_hashes: bool = True):
     """(model, manifest, tokenizer, ckpt, caches) with at most `resident_experts` experts per
-    MoE layer resident between forward calls; caches: block index -> ExpertCache."""
+    MoE layer resident between forward calls; caches: block index -> ExpertCache.
+
+    Opened by the checkpoint reader like every load (tinymoe.io.reader): with verify_hashes
+    every file but experts.safetensors is hashed now, and each expert is checked against its
+    own digest the first time it is copied out of the map."""
     from tinymoe.io.mmap_experts import open_mapped
 
     if resident_experts < 1:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from tinymoe.nn.router_config import require_causal
+from tinymoe.router_registry import require_causal
 
 
 def pick_token(logits_V: mx.array, temperature: float, top_k: int, top_p: float) -> mx.array:

@@ -11,11 +11,10 @@ reports the largest absolute difference between mlx-lm's logits and tinymoe's on
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 from tinymoe.errors import TinyMoeError
+from tinymoe.jsonutil import dumps
 
 
 def probe_tokens(vocab_size: int, context: int, seed: int = 0, batch: int = 2, length: int = 48):
@@ -42,16 +41,6 @@ def max_abs_diff(a, b) -> float:
     return float(mx.max(mx.abs(a.astype(mx.float32) - b.astype(mx.float32))).item())
 
 
-def _prepare(out: Path, overwrite: bool) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not overwrite:
-            raise TinyMoeError(f"{out} already exists and is not empty; use --overwrite to replace it")
-        if not (out / "config.json").is_file():
-            raise TinyMoeError(f"{out} does not look like an exported model (no config.json); refusing to overwrite it")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-
-
 def export_hf(checkpoint: str, out: Path, arch: str | None = None, overwrite: bool = False,
               check: bool | None = None) -> dict:
     """Write `checkpoint` to `out` as `arch` (None/"auto": the first that matches exactly).
@@ -63,18 +52,20 @@ def export_hf(checkpoint: str, out: Path, arch: str | None = None, overwrite: bo
     from tinymoe.interop.hf_config import choose_arch, hf_config_from_model
     from tinymoe.tokenizers.hf import write_tokenizer_files
     from tinymoe.interop.hf_weights import to_hf
+    from tinymoe.io.folders import check_output, staged_output
     from tinymoe.io.loader import load_model
 
+    check_output(Path(out), "export", overwrite, checkpoint)  # refuse before the slow part
     model, manifest, tokenizer, ckpt = load_model(checkpoint)
     cfg = model.cfg
     arch = choose_arch(cfg, arch)
     hf = to_hf(cfg, dict(tree_flatten(model.parameters())), arch)
     out = Path(out)
-    _prepare(out, overwrite)
-    config = hf_config_from_model(cfg, arch)
-    (out / "config.json").write_text(json.dumps(config, indent=1))
-    mx.save_safetensors(str(out / "model.safetensors"), hf, metadata={"format": "pt"})
-    tok_report = write_tokenizer_files(tokenizer, out, cfg.context)
+    with staged_output(out, "export", overwrite, checkpoint) as tmp:
+        config = hf_config_from_model(cfg, arch)
+        (tmp / "config.json").write_text(dumps(config, indent=1))
+        mx.save_safetensors(str(tmp / "model.safetensors"), hf, metadata={"format": "pt"})
+        tok_report = write_tokenizer_files(tokenizer, tmp, cfg.context)
     report = {"out": str(out), "checkpoint": str(ckpt), "architecture": arch, "tensors": len(hf),
               "tokenizer": tok_report["kind"], "tokenizer_matches": tok_report["matches"]}
     if check is None:

@@ -10,11 +10,13 @@ No MLX import here.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
-from tinymoe.config import ModelConfig
+from tinymoe.config import MAX_INT, ModelConfig
 from tinymoe.errors import TinyMoeError
 from tinymoe.interop.hf_config import DENSE_ARCHS, MOE_ARCHS, TINYMOE_KEY
+from tinymoe.memory_check import layers_memory_allows
 
 _HF_DEFAULTS = {
     "llama": {"tie_word_embeddings": False, "rms_norm_eps": 1e-6, "attention_bias": False, "mlp_bias": False},
@@ -50,23 +52,67 @@ def read_hf_config(directory: Path) -> dict:
 def _rope_theta(hf: dict, arch: str, where: str) -> float:
     # transformers >= 5 writes rope_parameters; older files write rope_theta and rope_scaling.
     params = hf.get("rope_parameters") or {}
+    if not isinstance(params, dict):
+        raise TinyMoeError(f"{where}: 'rope_parameters' must be an object, got {type(params).__name__}")
     scaling = hf.get("rope_scaling")
     rope_type = params.get("rope_type") or params.get("type") or "default"
     if isinstance(scaling, dict) and (scaling.get("rope_type") or scaling.get("type")) not in (None, "default"):
         raise TinyMoeError(f"{where}: rope_scaling {scaling} is not supported (tinymoe uses plain RoPE)")
     partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", _DEFAULT_PARTIAL_ROTARY.get(arch, 1.0)))
-    if rope_type != "default" or float(partial) != 1.0:
+    if rope_type != "default" or _float(partial, "partial_rotary_factor", where) != 1.0:
         raise TinyMoeError(f"{where}: RoPE type {rope_type!r} with partial_rotary_factor {partial} is not "
                            f"supported (tinymoe rotates the whole head with plain RoPE)")
-    return float(params.get("rope_theta", hf.get("rope_theta", _DEFAULT_THETA[arch])))
+    return _float(params.get("rope_theta", hf.get("rope_theta", _DEFAULT_THETA[arch])), "rope_theta", where)
+
+
+def _int(value, key: str, where: str, minimum: int = 0) -> int:
+    """An integer setting of config.json: a JSON integer (or a float with no fraction) >= minimum.
+    `int()` alone would truncate 1.5, read "12", and raise TypeError on a list."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TinyMoeError(f"{where}: '{key}' must be an integer, got {_shown(value)}")
+    if not minimum <= value <= MAX_INT:
+        raise TinyMoeError(f"{where}: '{key}' must be in [{minimum}, {MAX_INT}], got {value}")
+    return value
+
+
+def _ints(value, key: str, where: str, empty_ok: bool = False) -> list[int]:
+    """An integer or a list of integers (layer indices)."""
+    values = value if isinstance(value, list) else [value]
+    if not values and not empty_ok:
+        raise TinyMoeError(f"{where}: '{key}' is an empty list")
+    return [_int(v, key, where, -1) for v in values]
+
+
+def _float(value, key: str, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TinyMoeError(f"{where}: '{key}' must be a finite number, got {_shown(value)}")
+    return float(value)
+
+
+def _bool(value, key: str, where: str) -> bool:
+    if not isinstance(value, bool) and value not in (0, 1):
+        raise TinyMoeError(f"{where}: '{key}' must be true or false, got {_shown(value)}")
+    return bool(value)
+
+
+def _shown(value) -> str:
+    text = json.dumps(value) if isinstance(value, (str, list, dict)) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def moe_placement(moe_layers: set[int], n_layers: int, where: str) -> tuple[int, int]:
-    """(moe_every, moe_first_dense) whose `layer_is_moe` gives exactly `moe_layers`."""
-    for every in range(1, n_layers + 1):
-        for first in range(n_layers + 1):
-            if {i for i in range(n_layers) if i >= first and (i + 1) % every == 0} == moe_layers:
-                return every, first
+    """(moe_every, moe_first_dense) whose `layer_is_moe` gives exactly `moe_layers`: the smallest
+    such `every`, then the smallest `first`. Linear in n_layers (up to the number of divisors)."""
+    if not moe_layers:
+        return 1, n_layers
+    lowest = min(moe_layers)
+    for every in range(1, lowest + 2):
+        if (lowest + 1) % every:
+            continue  # the first MoE layer must be one of this period's layers
+        if set(range(lowest, n_layers, every)) == moe_layers:
+            return every, max(0, lowest - every + 1)  # no earlier layer of the period is MoE
     raise TinyMoeError(f"{where}: MoE layers {sorted(moe_layers)} are not 'every Nth layer after the "
                        f"first F', the placements tinymoe supports")
 
@@ -86,9 +132,19 @@ def hf_to_model_config(hf: dict, where: str, context: int | None = None) -> tupl
         raise TinyMoeError(f"{where}: model_type {arch!r} is not supported "
                            f"(supported: {', '.join(DENSE_ARCHS + MOE_ARCHS)})")
     get = lambda key: _get(hf, arch, key, where)  # noqa: E731
-    d_model, n_heads = int(get("hidden_size")), int(get("num_attention_heads"))
-    n_layers = int(get("num_hidden_layers"))
-    head_dim = hf.get("head_dim") or d_model // n_heads
+    geti = lambda key, minimum=0: _int(get(key), key, where, minimum)  # noqa: E731
+    getf = lambda key: _float(get(key), key, where)  # noqa: E731
+    getb = lambda key: _bool(get(key), key, where)  # noqa: E731
+    d_model, n_heads = geti("hidden_size"), geti("num_attention_heads")
+    n_layers = geti("num_hidden_layers")
+    if n_heads < 1 or n_layers < 1:
+        raise TinyMoeError(f"{where}: num_attention_heads and num_hidden_layers must be positive, "
+                           f"got {n_heads} and {n_layers}")
+    max_layers = layers_memory_allows()
+    if max_layers is not None and n_layers > max_layers:  # before any loop over the layers
+        raise TinyMoeError(f"{where}: num_hidden_layers {n_layers:,} cannot fit in this machine's memory "
+                           f"(at most {max_layers:,} blocks)")
+    head_dim = _int(hf.get("head_dim") or d_model // n_heads, "head_dim", where)
     if n_heads * head_dim != d_model:
         raise TinyMoeError(f"{where}: head_dim {head_dim} x {n_heads} heads != hidden_size {d_model} "
                            f"(tinymoe needs head_dim = hidden_size / heads)")
@@ -96,14 +152,14 @@ def hf_to_model_config(hf: dict, where: str, context: int | None = None) -> tupl
         raise TinyMoeError(f"{where}: hidden_act {hf.get('hidden_act')!r} is not supported (SwiGLU needs silu)")
     if hf.get("use_sliding_window"):
         raise TinyMoeError(f"{where}: sliding-window attention is not supported")
-    max_pos = int(hf.get("max_position_embeddings") or 2048)
+    max_pos = _int(hf.get("max_position_embeddings") or 2048, "max_position_embeddings", where)
     window = hf.get("sliding_window") if arch == "mixtral" else None
     # Attention limited to a window is identical to full attention over a context that short.
-    ctx = context or (min(max_pos, int(window)) if window else max_pos)
-    cfg = dict(vocab_size=int(get("vocab_size")), d_model=d_model, n_layers=n_layers, n_heads=n_heads,
-               n_kv_heads=int(hf.get("num_key_value_heads") or n_heads), context=ctx,
-               d_ff=int(get("intermediate_size")), rope_theta=_rope_theta(hf, arch, where),
-               norm_eps=float(get("rms_norm_eps")), tie_embeddings=bool(get("tie_word_embeddings")))
+    ctx = context or (min(max_pos, _int(window, "sliding_window", where)) if window else max_pos)
+    cfg = dict(vocab_size=geti("vocab_size"), d_model=d_model, n_layers=n_layers, n_heads=n_heads,
+               n_kv_heads=_int(hf.get("num_key_value_heads") or n_heads, "num_key_value_heads", where), context=ctx,
+               d_ff=geti("intermediate_size"), rope_theta=_rope_theta(hf, arch, where),
+               norm_eps=getf("rms_norm_eps"), tie_embeddings=getb("tie_word_embeddings"))
     if arch == "llama":
         if get("attention_bias") or get("mlp_bias"):
             raise TinyMoeError(f"{where}: llama with attention_bias/mlp_bias is not supported "
@@ -111,41 +167,41 @@ def hf_to_model_config(hf: dict, where: str, context: int | None = None) -> tupl
     elif arch == "qwen2":
         cfg["attn_bias"] = True  # dropped again by hf_weights when every bias is zero
     elif arch == "mixtral":
-        cfg.update(moe_experts=int(get("num_local_experts")), moe_topk=int(get("num_experts_per_tok")))
+        cfg.update(moe_experts=geti("num_local_experts"), moe_topk=geti("num_experts_per_tok"))
     elif arch == "qwen2_moe":
-        moe = {i for i in range(n_layers) if i not in set(get("mlp_only_layers"))
-               and (i + 1) % int(get("decoder_sparse_step")) == 0}
+        dense, step = set(_ints(get("mlp_only_layers"), "mlp_only_layers", where, True)), geti("decoder_sparse_step", 1)
+        moe = {i for i in range(n_layers) if i not in dense and (i + 1) % step == 0}
         every, first = moe_placement(moe, n_layers, where)
-        cfg.update(moe_experts=int(get("num_experts")), moe_topk=int(get("num_experts_per_tok")),
-                   expert_hidden=int(get("moe_intermediate_size")), router_norm=bool(get("norm_topk_prob")),
-                   moe_every=every, moe_first_dense=first, attn_bias=bool(get("qkv_bias")))
+        cfg.update(moe_experts=geti("num_experts"), moe_topk=geti("num_experts_per_tok"),
+                   expert_hidden=geti("moe_intermediate_size"), router_norm=getb("norm_topk_prob"),
+                   moe_every=every, moe_first_dense=first, attn_bias=getb("qkv_bias"))
     elif arch == "ernie4_5_moe":
         if get("use_bias"):
             raise TinyMoeError(f"{where}: ernie4_5_moe with use_bias is not supported")
         if get("moe_gate_act") != "softmax":
             raise TinyMoeError(f"{where}: moe_gate_act {get('moe_gate_act')!r} is not supported (softmax only)")
         start, end = get("moe_layer_start_index"), get("moe_layer_end_index")
-        start = min(start) if isinstance(start, list) else int(start)
-        end = max(end) if isinstance(end, list) else int(end)
+        start = min(_ints(start, "moe_layer_start_index", where))
+        end = max(_ints(end, "moe_layer_end_index", where))
         end = n_layers - 1 if end == -1 else end
-        interval = int(get("moe_layer_interval"))
+        interval = geti("moe_layer_interval", 1)
         moe = {i for i in range(n_layers) if (i + 1) % interval == 0 and start <= i <= end}
         every, first = moe_placement(moe, n_layers, where)
-        cfg.update(moe_experts=int(get("moe_num_experts")), moe_topk=int(get("moe_k")),
-                   expert_hidden=int(hf.get("moe_intermediate_size") or 0), moe_every=every,
-                   moe_first_dense=first, shared_experts=int(get("moe_num_shared_experts")))
+        cfg.update(moe_experts=geti("moe_num_experts"), moe_topk=geti("moe_k"),
+                   expert_hidden=_int(hf.get("moe_intermediate_size") or 0, "moe_intermediate_size", where),
+                   moe_every=every, moe_first_dense=first, shared_experts=geti("moe_num_shared_experts"))
     elif arch == "glm4_moe":
         if get("use_qk_norm"):
             raise TinyMoeError(f"{where}: glm4_moe with use_qk_norm is not supported (tinymoe has no q/k norms)")
-        if float(get("routed_scaling_factor")) != 1.0:
+        if getf("routed_scaling_factor") != 1.0:
             raise TinyMoeError(f"{where}: routed_scaling_factor {get('routed_scaling_factor')} is not supported (1.0 only)")
         if hf.get("scoring_func", "sigmoid") != "sigmoid" or hf.get("topk_method", "noaux_tc") != "noaux_tc":
             raise TinyMoeError(f"{where}: only sigmoid scoring with noaux_tc top-k is supported")
-        cfg.update(moe_experts=int(get("n_routed_experts")), moe_topk=int(get("num_experts_per_tok")),
-                   expert_hidden=int(get("moe_intermediate_size")), router="sigmoid-bias",
-                   router_norm=bool(get("norm_topk_prob")), moe_first_dense=int(get("first_k_dense_replace")),
-                   shared_experts=int(get("n_shared_experts")), attn_bias=bool(get("attention_bias")),
-                   router_groups=int(get("n_group")), router_group_topk=int(get("topk_group")))
+        cfg.update(moe_experts=geti("n_routed_experts"), moe_topk=geti("num_experts_per_tok"),
+                   expert_hidden=geti("moe_intermediate_size"), router="sigmoid-bias",
+                   router_norm=getb("norm_topk_prob"), moe_first_dense=geti("first_k_dense_replace"),
+                   shared_experts=geti("n_shared_experts"), attn_bias=getb("attention_bias"),
+                   router_groups=geti("n_group"), router_group_topk=geti("topk_group"))
     hints = hf.get(TINYMOE_KEY)
     if isinstance(hints, dict):
         for key in ("aux_loss_weight", "z_loss_weight", "entropy_weight", "capacity_factor", "bias_rate"):
@@ -153,7 +209,7 @@ def hf_to_model_config(hf: dict, where: str, context: int | None = None) -> tupl
             if key == "bias_rate" and cfg.get("router") != "sigmoid-bias":
                 continue  # only that router reads it
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                cfg[key] = float(value)
+                cfg[key] = _float(value, f"{TINYMOE_KEY}.{key}", where)
     model_cfg = ModelConfig(**cfg)
     if model_cfg.expert_hidden == model_cfg.d_ff:
         model_cfg.expert_hidden = 0  # tinymoe's spelling of "same as d_ff"

@@ -10,21 +10,24 @@ then starts a fresh optimizer) continues from it.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from tinymoe.config import ModelConfig, to_dict, validate
 from tinymoe.errors import TinyMoeError
+from tinymoe.router_registry import active_params
 
 
 def load_hf(directory: Path, context: int | None = None) -> dict:
     """{"cfg", "weights" (tinymoe names, float32 mx arrays), "tokenizer", "arch", "source"}."""
     from tinymoe.interop import hf_config_read, hf_weights
+    from tinymoe.memory_check import require_fits
     from tinymoe.tokenizers.hf import read_hf_tokenizer
 
     directory = Path(directory)
     where = str(directory)
     cfg, arch = hf_config_read.hf_to_model_config(hf_config_read.read_hf_config(directory), where, context)
+    validate(cfg)  # before any weight is read: sizes, finiteness, router options
+    require_fits(cfg, mode="sample", context=1, what=where)  # weights only; a sample's KV cache comes later
     cfg, weights = hf_weights.from_hf(cfg, hf_weights.read_safetensors_dir(directory), arch, where)
     validate(cfg)
     hf_weights.check_shapes(cfg, weights, where)
@@ -59,60 +62,43 @@ def load_source(source: str, context: int | None = None) -> dict:
 
 
 def param_counts(cfg: ModelConfig, weights: dict) -> dict:
-    """Total parameters and those one token uses (K of E experts), as count_params reports."""
+    """Total parameters of `weights` and those one token uses, by the rule count_params and the
+    planner use (tinymoe.router_registry.active_params)."""
     total = sum(int(w.size) for w in weights.values())
-    inactive = 0
-    for i in range(cfg.n_layers):
-        if cfg.layer_is_moe(i):
-            per_expert = sum(int(weights[f"blocks.{i}.moe.experts.{p}"][0].size) for p in ("w_gate", "w_up", "w_down"))
-            inactive += (cfg.moe_experts - cfg.moe_topk) * per_expert
-    return {"total": total, "active": total - inactive}
-
-
-def check_out(out: Path, overwrite: bool, source: str | None = None) -> bool:
-    """Whether `out` holds something to replace; refuses a non-empty directory unless
-    --overwrite and it is a tinymoe run, and never the source itself."""
-    out = Path(out)
-    if source is not None and Path(source).exists():
-        src = Path(source).resolve()
-        if src == out.resolve() or out.resolve() in src.parents:
-            raise TinyMoeError(f"{out}: the output directory holds the source; choose another --out")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not overwrite:
-            raise TinyMoeError(f"{out} already exists and is not empty; use --overwrite to replace it")
-        if not out.is_dir() or not is_tinymoe(out):
-            raise TinyMoeError(f"{out} is not a tinymoe run directory; refusing to overwrite it")
-        return True
-    return False
-
-
-def prepare_out(out: Path, overwrite: bool) -> None:
-    if check_out(out, overwrite):
-        shutil.rmtree(out)
+    moe = [i for i in range(cfg.n_layers) if cfg.layer_is_moe(i)]
+    per_expert = sum(int(weights[f"blocks.{moe[0]}.moe.experts.{p}"][0].size)
+                     for p in ("w_gate", "w_up", "w_down")) if moe else 0
+    return {"total": total, "active": active_params(cfg, total, per_expert)}
 
 
 def write_checkpoint(out: Path, cfg: ModelConfig, weights: dict, tokenizer, provenance: dict,
-                     overwrite: bool = False) -> Path:
-    """Step 0 of run directory `out`: weights, model config, tokenizer; no optimizer state."""
+                     overwrite: bool = False, source: str | None = None) -> Path:
+    """Step 0 of a new run folder `out`: weights, model config, tokenizer; no optimizer state.
+
+    Written into a hidden sibling and renamed into place (tinymoe.io.folders), so a crash leaves
+    no partial folder; an earlier run folder in `out` is replaced only with `overwrite`."""
     from tinymoe.io import checkpoint
+    from tinymoe.io.folders import staged_output
 
     out = Path(out)
-    prepare_out(out, overwrite)
     manifest = {"model": to_dict(cfg), "tokenizer": tokenizer.to_manifest(), "tokens_seen": 0,
                 "params": param_counts(cfg, weights), "source": provenance}
-    return checkpoint.save(out, 0, weights, {}, manifest, tokenizer)
+    with staged_output(out, "run", overwrite, source) as tmp:
+        ckpt = checkpoint.save(tmp, 0, weights, {}, manifest, tokenizer)
+    return out / ckpt.relative_to(tmp)
 
 
 def import_hf(source: str, out: Path, context: int | None = None, overwrite: bool = False) -> dict:
     """`tinymoe import`: a Hugging Face directory (or hub id) -> a tinymoe run directory."""
     from tinymoe.interop.hub import resolve_source
+    from tinymoe.io.folders import check_output
 
-    check_out(Path(out), overwrite, source)
+    check_output(Path(out), "run", overwrite, source)  # refuse before the slow part; deletes nothing
     path = resolve_source(source)
     loaded = load_hf(path, context)
     cfg = loaded["cfg"]
     ckpt = write_checkpoint(Path(out), cfg, loaded["weights"], loaded["tokenizer"],
-                            {"kind": "import", "from": source, "architecture": loaded["arch"]}, overwrite)
+                            {"kind": "import", "from": source, "architecture": loaded["arch"]}, overwrite, source)
     return {"checkpoint": str(ckpt), "architecture": loaded["arch"], "tokenizer": loaded["tokenizer"].kind,
             "moe_experts": cfg.moe_experts, "moe_topk": cfg.moe_topk, "router_norm": cfg.router_norm,
             "moe_layers": [i for i in range(cfg.n_layers) if cfg.layer_is_moe(i)],

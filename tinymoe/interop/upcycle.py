@@ -130,12 +130,15 @@ def upcycle(source: str, out: Path, experts: int, topk: int, every: int = 1, fir
             drop_fraction: float = 0.0, shared_experts: int = 0, router_norm: bool = True, seed: int = 0,
             context: int | None = None, overwrite: bool = False) -> dict:
     """`tinymoe upcycle`: dense tinymoe checkpoint or HF Llama/Qwen2 directory -> MoE run dir."""
-    from tinymoe.interop.import_hf import check_out, load_source, param_counts, write_checkpoint
+    from tinymoe.interop.import_hf import load_source, param_counts, write_checkpoint
+    from tinymoe.io.folders import check_output
+    from tinymoe.memory_check import require_fits
 
-    check_out(Path(out), overwrite, source)  # fail before the slow part
+    check_output(Path(out), "run", overwrite, source)  # refuse before the slow part; deletes nothing
     src = load_source(source, context)
     dense_cfg = src["cfg"]
     cfg = moe_config(dense_cfg, experts, topk, every, first_dense, router_norm, shared_experts)
+    require_fits(cfg, mode="sample", context=1, what="the upcycled model")  # E copies of each FFN
     weights = upcycle_weights(src["weights"], cfg, drop_fraction, seed)
     check = identity_check(dense_cfg, src["weights"], cfg, weights)
     exact_expected = drop_fraction == 0 and router_norm
@@ -146,7 +149,7 @@ def upcycle(source: str, out: Path, experts: int, topk: int, every: int = 1, fir
                   "topk": topk, "every": every, "first_dense": first_dense, "shared_experts": shared_experts,
                   "drop_fraction": drop_fraction,
                   "seed": seed, "identity_check": check}
-    ckpt = write_checkpoint(Path(out), cfg, weights, src["tokenizer"], provenance, overwrite)
+    ckpt = write_checkpoint(Path(out), cfg, weights, src["tokenizer"], provenance, overwrite, source)
     moe_layers = [i for i in range(cfg.n_layers) if cfg.layer_is_moe(i)]
     return {"checkpoint": str(ckpt), "source": src["source"], "source_architecture": src["arch"],
             "moe_layers": moe_layers, "experts": experts, "topk": topk, "shared_experts": shared_experts,

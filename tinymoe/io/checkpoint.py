@@ -14,15 +14,18 @@ complete checkpoint that `resolve` finds; hidden leftovers of a crash are remove
 save. A write that fails (disk full, read-only) removes its temporary directory and raises a
 one-line `CheckpointError`; the previous checkpoint is untouched.
 
+A save refuses weights or optimizer state holding NaN or inf (tinymoe.io.finite): such a state
+can never train again, so it must not become the checkpoint a run resumes from.
+
 Loading (`load_tensors`) checks the manifest's structure (tinymoe.io.manifest), every file's size
 and sha256, and every safetensors header against the manifest before `mx.load` reads a byte, and
-returns nothing unless everything is consistent.
+returns nothing unless everything is consistent. `file_problem`, `header_problems` and `hash_problems`
+are the per-file parts of those checks, which tinymoe.io.reader runs at most once per opened checkpoint.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -31,6 +34,8 @@ from pathlib import Path
 
 from tinymoe.io import safetensors_io
 from tinymoe.errors import CheckpointError
+from tinymoe.jsonutil import dumps
+from tinymoe.io.finite import nonfinite_arrays
 from tinymoe.io.manifest import FILES, FORMAT_NAME, FORMAT_VERSION, entries_in, read_manifest  # noqa: F401
 
 _STEP_NAME = re.compile(r"step-(\d+)")
@@ -87,6 +92,12 @@ def save(run_dir: Path, step: int, weights: dict, optimizer_state: dict, manifes
     ckpt_root = run_dir / "checkpoints"
     final = ckpt_root / step_dirname(step)
     tmp = ckpt_root / f".{final.name}.tmp-{os.getpid()}"
+    # A NaN or inf never heals, so such a state is not worth keeping, let alone as the latest.
+    bad = [f"weight '{n}'" for n in nonfinite_arrays(weights)] + \
+        [f"optimizer state '{n}'" for n in nonfinite_arrays(optimizer_state)]
+    if bad:
+        raise CheckpointError(f"{final}: refusing to save: {first_problem(bad)} holds NaN or inf values; "
+                              f"the previous checkpoint is untouched")
     try:
         ckpt_root.mkdir(parents=True, exist_ok=True)
         clean_leftovers(ckpt_root)
@@ -122,7 +133,9 @@ def _write_checkpoint(tmp: Path, step: int, weights: dict, optimizer_state: dict
     }
     tensors, files = {}, {}
     for fname, (arrays, align) in groups.items():
-        index = safetensors_io.write(str(tmp / fname), arrays, {"format": FORMAT_NAME}, align)
+        # Per-expert digests let a reader that maps experts verify each one as it copies it.
+        index = safetensors_io.write(str(tmp / fname), arrays, {"format": FORMAT_NAME}, align,
+                                     slice_hashes=fname == "experts.safetensors")
         prefix = "optimizer." if fname == "optimizer.safetensors" else ""
         for name, entry in index.items():
             tensors[prefix + name] = {"file": fname, "name": name, **entry}
@@ -135,7 +148,7 @@ def _write_checkpoint(tmp: Path, step: int, weights: dict, optimizer_state: dict
     full = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **manifest, "step": step,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files, "tensors": tensors}
     # The manifest goes last: its presence marks the directory as complete.
-    _write_bytes_atomic(tmp / "manifest.json", json.dumps(full, indent=1).encode())
+    _write_bytes_atomic(tmp / "manifest.json", dumps(full, indent=1).encode())
     _fsync_dir(tmp)
 
 
@@ -166,9 +179,10 @@ def _file_entry(path: Path) -> dict:
     return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether another process with this pid runs (ours counts as gone: an earlier, failed attempt)."""
     if pid == os.getpid():
-        return False  # our own leftover from an earlier, failed attempt
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -192,7 +206,7 @@ def clean_leftovers(ckpt_root: Path) -> None:
         if not m:
             continue
         step_name, kind, pid = m.group(1), m.group(2), int(m.group(3))
-        if kind == "tmp" and _pid_alive(pid):
+        if kind == "tmp" and pid_alive(pid):
             continue  # another process is saving right now
         try:
             if kind == "old" and not (ckpt_root / step_name).exists() and (path / "manifest.json").is_file():
@@ -261,31 +275,45 @@ def resolve(path: str | Path) -> Path:
 
 def check_files(ckpt: Path, manifest: dict, verify_hashes: bool = True) -> list[str]:
     """Every problem of the listed files (empty list = consistent), one line each: presence,
-    size, safetensors header against the manifest, sha256 of each file and of each tensor."""
+    size, safetensors header against the manifest, sha256 of each file, of each tensor and of
+    each expert slice the manifest lists."""
     problems = []
     for fname, entry in manifest["files"].items():
-        path = ckpt / fname
-        problem = file_problem(path, entry)
-        if problem:
+        problem = file_problem(ckpt / fname, entry)
+        if problem:  # missing or the wrong size: nothing more to learn from its bytes
             problems.append(problem)
             continue
-        tensors = []
-        if fname.endswith(".safetensors"):
-            header, _ = header_problems(path, manifest, fname)
-            problems.extend(header)
-            # Tensor hashes only where the header agrees: then the ranges are known to be sane.
-            tensors = [] if header else sorted((e for _, e in entries_in(manifest, fname)),
-                                               key=lambda e: e["offsets"])
+        structure = header_problems(ckpt / fname, manifest, fname)[0] if fname.endswith(".safetensors") else []
+        problems.extend(structure)
         if verify_hashes:
-            try:
-                whole, parts = safetensors_io.digests(str(path), [e["offsets"] for e in tensors])
-            except OSError as exc:
-                problems.append(f"{path}: unreadable: {_why(exc)}")
-                continue
-            if whole != entry["sha256"]:
-                problems.append(f"{path}: sha256 does not match the manifest (corrupted)")
-            problems.extend(f"{path}: tensor '{e['name']}' sha256 does not match the manifest (corrupted)"
-                            for e, digest in zip(tensors, parts) if digest != e["sha256"])
+            problems.extend(hash_problems(ckpt, manifest, fname, tensors=not structure))
+    return problems
+
+
+def hash_problems(ckpt: Path, manifest: dict, fname: str, tensors: bool = True) -> list[str]:
+    """sha256 problems of one listed file, in a single read: the whole file and, with `tensors`
+    (only when its header agrees with the manifest, so the ranges are known to be sane), every
+    tensor and every expert slice (`slice_sha256`) the manifest lists."""
+    path = ckpt / fname
+    ranges = []  # (begin, end, what): a tensor and its slices nest, digests() allows that
+    if tensors and fname.endswith(".safetensors"):
+        for _, e in entries_in(manifest, fname):
+            begin, end = e["offsets"]
+            ranges.append((begin, end, f"tensor '{e['name']}'", e["sha256"]))
+            slices = e.get("slice_sha256") or []
+            stride = (end - begin) // len(slices) if slices else 0
+            ranges.extend((begin + i * stride, begin + (i + 1) * stride, f"tensor '{e['name']}' expert {i}", d)
+                          for i, d in enumerate(slices))
+        ranges.sort(key=lambda r: (r[0], r[1]))
+    try:
+        whole, parts = safetensors_io.digests(str(path), [r[:2] for r in ranges])
+    except OSError as exc:
+        return [f"{path}: unreadable: {_why(exc)}"]
+    problems = []
+    if whole != manifest["files"][fname]["sha256"]:
+        problems.append(f"{path}: sha256 does not match the manifest (corrupted)")
+    problems.extend(f"{path}: {what} sha256 does not match the manifest (corrupted)"
+                    for (_, _, what, want), digest in zip(ranges, parts) if digest != want)
     return problems
 
 
@@ -326,7 +354,8 @@ def header_problems(path: Path, manifest: dict, fname: str) -> tuple[list[str], 
     return problems, index
 
 
-def _first(problems: list[str]) -> str:
+def first_problem(problems: list[str]) -> str:
+    """The first of several problems, saying how many more there are (one line)."""
     more = len(problems) - 1
     return problems[0] + (f" (+{more} more problem{'s' if more > 1 else ''})" if more else "")
 
@@ -337,13 +366,19 @@ def load_tensors(ckpt: Path, manifest: dict, files=FILES, verify_hashes: bool = 
     `manifest` must come from `read_manifest` (its structure is checked there). Every listed file
     is checked first (`check_files`; hashes only with verify_hashes), so `mx.load` only ever sees
     headers that were validated. Raises CheckpointError for the first problem, returns nothing
-    partial.
+    partial. (tinymoe.io.reader does the same checks once per opened checkpoint.)
     """
-    import mlx.core as mx
-
     problems = check_files(ckpt, manifest, verify_hashes)
     if problems:
-        raise CheckpointError(_first(problems))
+        raise CheckpointError(first_problem(problems))
+    return read_tensors(ckpt, manifest, files)
+
+
+def read_tensors(ckpt: Path, manifest: dict, files) -> dict:
+    """Flat name -> evaluated mx.array for the tensors in `files`, whose headers the caller has
+    checked against the manifest; each must read back with the manifest's dtype and shape."""
+    import mlx.core as mx
+
     out = {}
     for fname in files:
         path = ckpt / fname

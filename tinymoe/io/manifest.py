@@ -4,7 +4,7 @@
 format name and a version this code knows, the model and tokenizer objects, a file list of plain
 file names with sizes and sha256 digests, and a tensor index whose entries name a listed file and
 carry a known dtype, a non-negative integer shape, byte offsets whose span equals shape x item
-size, and a digest. Anything else is a one-line `CheckpointError` naming the file and the field,
+size, and a digest (plus, optionally, one digest per expert: `slice_sha256`). Anything else is a one-line `CheckpointError` naming the file and the field,
 so no later `KeyError`, `TypeError` or huge allocation can come from a damaged manifest.
 """
 
@@ -126,6 +126,13 @@ def _tensors_problem(tensors: dict, files: dict) -> str | None:
             return f"{where}: {dtype}{shape} does not fit offsets {offsets}"
         if not isinstance(e.get("sha256"), str) or not _SHA256.fullmatch(e["sha256"]):
             return f"{where}: 'sha256' must be 64 lowercase hex digits"
+        # Optional (expert tensors, written since the reader learned to verify mapped experts):
+        # one digest per slice of the first axis.
+        if "slice_sha256" in e:
+            parts = e["slice_sha256"]
+            if not (shape and isinstance(parts, list) and len(parts) == shape[0]
+                    and all(isinstance(d, str) and _SHA256.fullmatch(d) for d in parts)):
+                return f"{where}: 'slice_sha256' must list one sha256 per slice of the first axis"
     return None
 
 

@@ -69,11 +69,14 @@ def array_bytes(a) -> tuple[str, bytes]:
     return name, np.ascontiguousarray(np.array(a, copy=False), dtype=np_dtype).tobytes()
 
 
-def write(path: str, arrays: dict, metadata: dict | None = None, align: int = 1) -> dict:
+def write(path: str, arrays: dict, metadata: dict | None = None, align: int = 1,
+          slice_hashes: bool = False) -> dict:
     """Write `arrays` (name -> mx.array) to `path`, fsync it, return the tensor index.
 
     The index maps each name to {dtype, shape, offsets: [begin, end] absolute in the file,
-    sha256}. Tensors are written in the given order.
+    sha256}. Tensors are written in the given order. With `slice_hashes`, each tensor of rank
+    >= 1 also gets `slice_sha256`: one digest per slice [i] of its first axis (a stacked expert
+    tensor: one per expert), so a reader that maps one expert can verify just that expert.
     """
     blobs = [(name, *array_bytes(a), list(a.shape)) for name, a in arrays.items()]
     header: dict = {"__metadata__": {k: str(v) for k, v in (metadata or {}).items()}}
@@ -107,6 +110,11 @@ def write(path: str, arrays: dict, metadata: dict | None = None, align: int = 1)
             "offsets": [data_start + begin, data_start + end],
             "sha256": hashlib.sha256(raw).hexdigest(),
         }
+        if slice_hashes and shape and shape[0] > 0:
+            stride = len(raw) // shape[0]
+            view = memoryview(raw)
+            index[name]["slice_sha256"] = [hashlib.sha256(view[i * stride:(i + 1) * stride]).hexdigest()
+                                           for i in range(shape[0])]
     return index
 
 
@@ -185,8 +193,9 @@ def read_index(path: str, file_size: int | None = None) -> tuple[int, dict]:
 def digests(path: str, ranges: list) -> tuple[str, list[str]]:
     """sha256 of a whole file and of each [begin, end) byte range of it, in a single read.
 
-    `ranges` must be sorted and non-overlapping (a checked header's tensors are). A range that
-    runs past the end of the file hashes only the bytes that exist, so it cannot match.
+    `ranges` must be sorted by their start; they may overlap or nest (a tensor and its expert
+    slices). A range that runs past the end of the file hashes only the bytes that exist, so it
+    cannot match.
     """
     whole, parts = hashlib.sha256(), [hashlib.sha256() for _ in ranges]
     pos, first = 0, 0  # bytes hashed so far; first range not yet complete

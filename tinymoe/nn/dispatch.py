@@ -25,20 +25,31 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-BACKENDS = ("dense", "gather", "grouped", "metal")
+from tinymoe.names import DISPATCH_BACKENDS as BACKENDS  # noqa: F401 (named there for config and the CLI)
+
 # Backends whose graphs have no host synchronisation, so `mx.compile` can trace them.
 COMPILABLE = ("dense", "gather", "metal")
 
 
 def resolve_backend(name: str) -> str:
-    """`auto`: Metal kernels on a Mac GPU, per-expert matmuls on CPU (see docs/performance.md)."""
+    """`auto`: Metal kernels on a Mac GPU once they pass their first-use check on this machine
+    (else gather_mm, with one warning), gather_mm on other GPUs, per-expert matmuls on the CPU
+    (see docs/performance.md, docs/kernels.md). An explicit `metal` whose kernels failed that
+    check raises TinyMoeError; on a CPU default device it runs the kernels' references."""
+    from tinymoe.nn.kernels import launch, trust
+
+    if name == "metal":
+        trust.require("--moe-dispatch metal")
     if name != "auto":
         return name
-    if mx.default_device() == mx.gpu and mx.metal.is_available():
-        return "metal"
-    if mx.default_device() == mx.gpu:
-        return "gather"  # CUDA backend: gather_mm runs batched on the GPU
-    return "grouped"
+    if not launch.default_device_is_gpu():
+        return "grouped"
+    if launch.device_backend() == "metal":
+        v = trust.verdict()
+        if v is None or v.ok:
+            return "metal"
+        trust.warn_once(v, "--moe-dispatch auto uses gather instead")
+    return "gather"  # CUDA backend (or untrusted kernels): gather_mm runs batched on the GPU
 
 
 @dataclass

@@ -19,6 +19,7 @@ import mlx.nn as nn
 from tinymoe.config import ModelConfig
 from tinymoe.nn.dispatch import resolve_backend
 from tinymoe.nn.moe import LAYER_LOSSES, LAYER_STATS, MoELayer, SwiGLU
+from tinymoe.router_registry import active_params
 
 
 class KVCache:
@@ -145,14 +146,13 @@ class Model(nn.Module):
 
 
 def count_params(model: Model) -> dict:
-    """Total parameters and those a token uses (embeddings included, K of E experts; shared
-    experts always count as active; dynamic routing counts k_max, expert choice its average K)."""
+    """Total parameters, counted on the model, and those a token uses, by the one rule of
+    tinymoe.router_registry.active_params (also the planner's and import_hf's): shared experts
+    always count; of the routed experts, K (k_max for dynamic, factor x K on average for expert
+    choice)."""
     from mlx.utils import tree_flatten
 
     total = sum(v.size for _, v in tree_flatten(model.parameters()))
-    inactive = 0
-    for block in model.blocks:
-        if block.is_moe:
-            e = block.moe.experts
-            inactive += (e.w_gate.shape[0] - block.moe.router.top_k) * e.params_per_expert()
-    return {"total": total, "active": total - inactive}
+    moe = [block.moe for block in model.blocks if block.is_moe]
+    per_expert = moe[0].experts.params_per_expert() if moe else 0
+    return {"total": total, "active": active_params(model.cfg, total, per_expert)}

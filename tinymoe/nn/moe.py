@@ -26,13 +26,11 @@ import mlx.nn as nn
 
 from tinymoe.nn.capacity import apply_capacity, expert_capacity, expert_choice_experts
 from tinymoe.nn.dispatch import run_experts
-from tinymoe.nn.routers import TopKRouter, make_router, router_losses  # noqa: F401 (public names)
+from tinymoe.nn.routers import RoutingResult, TopKRouter, make_router, router_losses  # noqa: F401 (public names)
+from tinymoe.router_registry import ROUTER_OPTIONS
 
-LAYER_LOSSES = ("balance_loss", "z_loss", "entropy_loss")
+LAYER_LOSSES = ("balance_loss", "z_loss", "entropy_loss")  # fields of RoutingResult
 LAYER_STATS = ("load", "drop_rate", "mean_k")
-# ModelConfig fields handed to the router factory (each router reads the ones it uses).
-ROUTER_FIELDS = ("router_order", "noise_scale", "jitter_eps", "bias_rate", "router_groups", "router_group_topk",
-                 "k_min", "k_max", "dynamic_threshold", "capacity_factor", "eval_capacity_factor")
 
 
 class SwiGLUExperts(nn.Module):
@@ -80,7 +78,8 @@ class MoELayer(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, out_scale: float = 1.0) -> "MoELayer":
-        options = {name: getattr(cfg, name) for name in ROUTER_FIELDS}
+        # Every router option (the factory hands each router the ones its registry spec lists).
+        options = {name: getattr(cfg, name) for name in ROUTER_OPTIONS}
         return cls(cfg.d_model, cfg.moe_experts, cfg.moe_topk, cfg.expert_d_ff, cfg.router_norm, out_scale,
                    router=cfg.router, shared_experts=cfg.shared_experts, **options)
 
@@ -89,11 +88,12 @@ class MoELayer(nn.Module):
         x_TD = x.reshape(-1, shape[-1])
         T = x_TD.shape[0]
         # Without a key, the plain one-argument call (wrappers such as tinymoe.infer.offload's take x only).
-        indices, gates, info, probs = self.router(x_TD) if key is None else self.router(x_TD, key)
-        kept = info.get("selected")  # (T, K) or None: every slot used
+        route: RoutingResult = self.router(x_TD) if key is None else self.router(x_TD, key)
+        indices, gates, probs = route.indices, route.gates, route.probs
+        kept = route.selected  # (T, K) or None: every slot used
         e = self.experts
-        if "ec_tokens" in info:  # expert choice: run the per-expert view directly
-            y = expert_choice_experts(x_TD, info["ec_tokens"], info["ec_gates"], e.w_gate, e.w_up, e.w_down)
+        if route.tokens_EC is not None:  # expert choice: run the per-expert view directly
+            y = expert_choice_experts(x_TD, route.tokens_EC, route.gates_EC, e.w_gate, e.w_up, e.w_down)
             drop_rate = 1.0 - mx.mean(mx.any(kept, axis=-1).astype(mx.float32))  # tokens no expert took
         else:
             factor = self.capacity_factor if self.training else self.eval_capacity_factor
@@ -110,10 +110,10 @@ class MoELayer(nn.Module):
             y = run_experts(self.dispatch, x_TD, indices, gates.astype(x.dtype), e.w_gate, e.w_up, e.w_down)
         if self.num_shared:
             y = y + self.shared(x_TD)
-        stats = {name: info[name] for name in LAYER_LOSSES}
+        stats = {name: getattr(route, name) for name in LAYER_LOSSES}
         stats["drop_rate"] = mx.stop_gradient(drop_rate.astype(mx.float32))
         if kept is None:
-            stats["load"], stats["mean_k"] = info["load"], mx.array(float(indices.shape[1]))
+            stats["load"], stats["mean_k"] = route.load, mx.array(float(indices.shape[1]))
         else:
             counts = mx.sum((indices[..., None] == mx.arange(e.w_gate.shape[0])) & kept[..., None], axis=(0, 1))
             stats["load"] = mx.stop_gradient(counts.astype(mx.float32) / mx.maximum(mx.sum(counts), 1))  # (E,)

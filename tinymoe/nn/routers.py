@@ -3,9 +3,11 @@
 Shapes: T tokens, D model width, E experts, K slots per token. Every router scores tokens with one
 float32 linear map (`weight` (E, D)), whatever the model dtype, and wraps whatever it selects with
 (top-k, sorting, thresholds) in `mx.stop_gradient`: only gate values carry gradient back. A router
-returns `(indices (T, K), gates (T, K), info, probs (T, E))`; `info` holds its losses (see
+returns a `RoutingResult`: indices and gates (T, K), probabilities (T, E), its losses (see
 `router_losses`), the share of slots per expert (`load`) and, for routers that leave slots unused,
-`selected` (T, K) bool. The names (docs/routers.md has the papers and when to use each):
+`selected` (T, K) bool. Each router's options, active-expert rule and extra parameters are declared
+once in tinymoe.router_registry, which `make_router` reads. The names (docs/routers.md has the
+papers and when to use each):
 
   topk           softmax over experts, top-k; `order` softmax-topk (renormalise the k gates when
                  `norm`) or topk-softmax (Mixtral: softmax over the k chosen logits).
@@ -25,11 +27,35 @@ resumed run reproduces an uninterrupted one (tinymoe.train.step derives keys fro
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from tinymoe.router_registry import spec_of
+
 LOG_TEMPERATURE_RANGE = (math.log(0.1), math.log(10.0))  # smart: keep the temperature sane
+
+
+@dataclass
+class RoutingResult:
+    """What a router decided for T tokens (E experts, K slots per token, C tokens per expert).
+
+    The loss fields are named as in tinymoe.nn.moe.LAYER_LOSSES, so `router_losses(...)` unpacks
+    into them. A router that uses every slot leaves `selected` None; expert choice also fills the
+    per-expert view (`tokens_EC`, `gates_EC`) that the MoE layer runs directly.
+    """
+
+    indices: mx.array  # (T, K) expert of each slot, best first; stop_gradient'ed
+    gates: mx.array  # (T, K) weight of each slot in the combine (0 for an unused slot)
+    probs: mx.array  # (T, E) the router's distribution over experts (losses, inspect)
+    balance_loss: mx.array  # () see router_losses
+    z_loss: mx.array  # ()
+    entropy_loss: mx.array  # ()
+    load: mx.array  # (E,) share of the selected slots per expert, sums to 1
+    selected: mx.array | None = None  # (T, K) bool: which slots are used; None = all
+    tokens_EC: mx.array | None = None  # (E, C) expert choice: each expert's tokens, best first
+    gates_EC: mx.array | None = None  # (E, C) expert choice: their gates
 
 
 def router_losses(logits_TE, probs_TE, indices_TK, num_experts: int, selected_TK=None) -> dict:
@@ -113,25 +139,30 @@ class Router(nn.Module):
         else:
             gates = mx.take_along_axis(probs, indices, axis=-1)  # (T, K)
             gates = _renormalise(gates) if self.norm else gates
-        return indices, gates, router_losses(logits_TE, probs, indices, self.num_experts), probs
+        return RoutingResult(indices, gates, probs, **router_losses(logits_TE, probs, indices, self.num_experts))
 
 
 class TopKRouter(Router):
     """Softmax over experts, then the top-k; gates renormalised to sum to 1 when `norm`."""
 
+    def __init__(self, d_model, num_experts, top_k, norm=True, router_order="softmax-topk", router_groups=1,
+                 router_group_topk=1):
+        super().__init__(d_model, num_experts, top_k, norm, router_order, 0.0, router_groups, router_group_topk)
+
 
 class JitterRouter(Router):
     """Top-k with multiplicative input jitter U(1-eps, 1+eps) while training."""
 
-    def __init__(self, d_model, num_experts, top_k, norm=True, order="softmax-topk", jitter_eps=0.01):
-        super().__init__(d_model, num_experts, top_k, norm, order, jitter_eps)
+    def __init__(self, d_model, num_experts, top_k, norm=True, router_order="softmax-topk", jitter_eps=0.01):
+        super().__init__(d_model, num_experts, top_k, norm, router_order, jitter_eps)
 
 
 class SwitchRouter(Router):
     """Top-1; the gate is the chosen expert's probability (never renormalised, else it would be 1
-    and the router would get no gradient); jittered input while training."""
+    and the router would get no gradient); jittered input while training. `top_k` and `norm` are
+    ignored (the validator requires moe_topk 1)."""
 
-    def __init__(self, d_model, num_experts, jitter_eps=0.01):
+    def __init__(self, d_model, num_experts, top_k=1, norm=False, jitter_eps=0.01):
         super().__init__(d_model, num_experts, 1, norm=False, jitter_eps=jitter_eps)
 
 
@@ -158,8 +189,8 @@ class SmartRouter(Router):
     """Top-k over softmax(logits / temperature) with a learned temperature and input jitter; the
     trainer adds the load-balancing loss and the entropy bonus (entropy_weight)."""
 
-    def __init__(self, d_model, num_experts, top_k, norm=True, order="softmax-topk", jitter_eps=0.01):
-        super().__init__(d_model, num_experts, top_k, norm, order, jitter_eps)
+    def __init__(self, d_model, num_experts, top_k, norm=True, router_order="softmax-topk", jitter_eps=0.01):
+        super().__init__(d_model, num_experts, top_k, norm, router_order, jitter_eps)
         self.log_temperature = mx.zeros((1,))  # temperature exp(0) = 1 at the start
 
     def temperature(self) -> mx.array:
@@ -175,8 +206,8 @@ class SigmoidBiasRouter(Router):
     the optimizer (it is frozen) but nudged by `after_step`: +rate for an expert below the mean load,
     -rate above it (DeepSeek-V3's auxiliary-loss-free balancing)."""
 
-    def __init__(self, d_model, num_experts, top_k, norm=True, bias_rate=0.001, groups=1, group_topk=1):
-        super().__init__(d_model, num_experts, top_k, norm, groups=groups, group_topk=group_topk)
+    def __init__(self, d_model, num_experts, top_k, norm=True, bias_rate=0.001, router_groups=1, router_group_topk=1):
+        super().__init__(d_model, num_experts, top_k, norm, groups=router_groups, group_topk=router_group_topk)
         self.selection_bias = mx.zeros((num_experts,))
         self.freeze(recurse=False, keys=["selection_bias"])  # saved with the weights, never trained
         self.bias_rate = bias_rate
@@ -190,7 +221,7 @@ class SigmoidBiasRouter(Router):
         gates = _renormalise(gates) if self.norm else gates
         # A distribution over experts for the balance and entropy terms and for inspect.
         probs = scores / mx.sum(scores, axis=-1, keepdims=True)  # (T, E)
-        return indices, gates, router_losses(logits, probs, indices, self.num_experts), probs
+        return RoutingResult(indices, gates, probs, **router_losses(logits, probs, indices, self.num_experts))
 
     def after_step(self, load_E: mx.array) -> None:
         load = load_E.astype(mx.float32)
@@ -200,11 +231,11 @@ class SigmoidBiasRouter(Router):
 class DynamicRouter(Router):
     """The fewest experts, at least k_min and at most k_max, whose softmax probabilities add up to
     `threshold` (Huang et al. 2024, "Harder Tasks Need More Experts"). Slots are k_max wide; the
-    unused ones have gate 0 and selected False."""
+    unused ones have gate 0 and selected False. k_max 0 means top_k."""
 
-    def __init__(self, d_model, num_experts, k_min=1, k_max=2, threshold=0.5, norm=True):
-        super().__init__(d_model, num_experts, k_max, norm)
-        self.k_min, self.threshold = k_min, threshold
+    def __init__(self, d_model, num_experts, top_k, norm=True, k_min=1, k_max=0, dynamic_threshold=0.5):
+        super().__init__(d_model, num_experts, k_max or top_k, norm)
+        self.k_min, self.threshold = k_min, dynamic_threshold
 
     def __call__(self, x_TD, key=None):
         logits = self.logits(x_TD)
@@ -216,19 +247,19 @@ class DynamicRouter(Router):
         selected = mx.stop_gradient((before < self.threshold) | (mx.arange(self.top_k) < self.k_min))
         gates = mx.where(selected, chosen, 0.0)
         gates = _renormalise(gates) if self.norm else gates
-        info = router_losses(logits, probs, indices, self.num_experts, selected)
-        return indices, gates, {**info, "selected": selected}, probs
+        losses = router_losses(logits, probs, indices, self.num_experts, selected)
+        return RoutingResult(indices, gates, probs, **losses, selected=selected)
 
 
 class ExpertChoiceRouter(Router):
     """Each expert takes the C tokens with its highest softmax probability, C = capacity_factor *
     T * K / E (capacity factor 1 when 0 is given): balanced by construction, a token may get 0..E
     experts. Per token the result is E slots (slot e = expert e), selected where e took the token;
-    `info` also carries the per-expert view (`ec_tokens`, `ec_gates` (E, C)) that MoELayer runs.
+    the result also carries the per-expert view (`tokens_EC`, `gates_EC` (E, C)) that MoELayer runs.
     Not causal: whether an expert takes a token depends on every other token in the batch."""
 
-    def __init__(self, d_model, num_experts, top_k, capacity_factor=0.0, eval_capacity_factor=0.0):
-        super().__init__(d_model, num_experts, top_k)
+    def __init__(self, d_model, num_experts, top_k, norm=True, capacity_factor=0.0, eval_capacity_factor=0.0):
+        super().__init__(d_model, num_experts, top_k)  # gates are probabilities: `norm` does not apply
         self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
 
     def capacity(self, T: int) -> int:
@@ -245,35 +276,16 @@ class ExpertChoiceRouter(Router):
         selected = mx.stop_gradient(taken_ET.T > 0)  # (T, E)
         indices = mx.broadcast_to(mx.arange(E), (T, E))  # (T, E): slot e is expert e
         gates = mx.where(selected, probs, 0.0)
-        info = router_losses(logits, probs, indices, E, selected)  # balance is 1 by construction
-        return indices, gates, {**info, "selected": selected, "ec_tokens": tokens_EC, "ec_gates": gates_EC}, probs
+        losses = router_losses(logits, probs, indices, E, selected)  # balance is 1 by construction
+        return RoutingResult(indices, gates, probs, **losses, selected=selected, tokens_EC=tokens_EC,
+                             gates_EC=gates_EC)
 
 
 def make_router(name: str, d_model: int, num_experts: int, top_k: int, norm: bool = True, **opt) -> Router:
-    """The router called `name` (tinymoe.nn.router_config.ROUTERS) with its options from `opt`
-    (ModelConfig field names: router_order, jitter_eps, noise_scale, ...); missing ones default."""
-    order = opt.get("router_order", "softmax-topk")
-    jitter = opt.get("jitter_eps", 0.01)
-    groups = (opt.get("router_groups", 1), opt.get("router_group_topk", 1))
-    if name == "topk":
-        return TopKRouter(d_model, num_experts, top_k, norm, order, 0.0, *groups)
-    if name == "jitter":
-        return JitterRouter(d_model, num_experts, top_k, norm, order, jitter)
-    if name == "switch":
-        return SwitchRouter(d_model, num_experts, jitter)
-    if name == "noisy":
-        return NoisyRouter(d_model, num_experts, top_k, norm, opt.get("noise_scale", 1.0))
-    if name == "smart":
-        return SmartRouter(d_model, num_experts, top_k, norm, order, jitter)
-    if name == "sigmoid-bias":
-        return SigmoidBiasRouter(d_model, num_experts, top_k, norm, opt.get("bias_rate", 0.001), *groups)
-    if name == "dynamic":
-        return DynamicRouter(d_model, num_experts, opt.get("k_min", 1), opt.get("k_max", 0) or top_k,
-                             opt.get("dynamic_threshold", 0.5), norm)
-    if name == "expert-choice":
-        return ExpertChoiceRouter(d_model, num_experts, top_k, opt.get("capacity_factor", 0.0),
-                                  opt.get("eval_capacity_factor", 0.0))
-    from tinymoe.errors import TinyMoeError
-    from tinymoe.nn.router_config import ROUTERS
-
-    raise TinyMoeError(f"unknown router '{name}' (choose from: {', '.join(ROUTERS)})")
+    """The router called `name` (tinymoe.router_registry.ROUTERS), built from its registry spec:
+    its class with the options the spec lists, taken from `opt` (ModelConfig field names: router_order,
+    jitter_eps, noise_scale, ...; others are ignored); missing ones keep the class defaults, which are
+    ModelConfig's."""
+    spec = spec_of(name)
+    cls = globals()[spec.cls]
+    return cls(d_model, num_experts, top_k, norm, **{o: opt[o] for o in spec.options if o in opt})

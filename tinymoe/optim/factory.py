@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from tinymoe.errors import TinyMoeError
+from tinymoe.names import OPTIMIZERS
 from tinymoe.optim.adafactor import Adafactor
-from tinymoe.optim.lazy import OPTIMIZERS
 from tinymoe.optim.sparse_adamw import SparseAdamW
 
 

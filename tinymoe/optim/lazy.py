@@ -36,9 +36,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from tinymoe.errors import TinyMoeError
-
-OPTIMIZERS = ("adamw", "sparse-adamw", "adafactor")
-STATE_DTYPES = ("float32", "bfloat16")
+from tinymoe.names import OPTIMIZER_STATE_DTYPES as STATE_DTYPES, OPTIMIZERS  # noqa: F401 (defined in names)
 _EXPERT_KEY = re.compile(r"(.+)\.expert(\d+)\.(\w+)")  # <param>.expert<E>.<part>
 
 
@@ -136,6 +134,19 @@ class LazyExpertOptimizer:
         """Restore from `state` (flat) or its tree_unflatten'ed form (what the trainer passes)."""
         self.step, self._lr, self.dense, self.experts = unpack_state(tree, self.state_parts, self.kind)
         self._check_state()
+
+    def snapshot(self) -> tuple:
+        """Everything an update changes, to undo it (tinymoe.train.step's rollback of a step
+        that made weights non-finite): the arrays are immutable, so copying the containers
+        that updates modify in place (down to each expert's state dict) is enough."""
+        return (self.step, self._lr, {n: dict(st) for n, st in self.dense.items()},
+                {n: {e: dict(st) for e, st in per.items()} for n, per in self.experts.items()})
+
+    def restore(self, saved: tuple) -> None:
+        step, lr, dense, experts = saved
+        self.step, self._lr = step, lr
+        self.dense = {n: dict(st) for n, st in dense.items()}
+        self.experts = {n: {e: dict(st) for e, st in per.items()} for n, per in experts.items()}
 
     def _check_state(self) -> None:
         """Subclasses may check a restored state's shape here."""

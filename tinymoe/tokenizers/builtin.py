@@ -24,6 +24,7 @@ from tinymoe.errors import TinyMoeError
 
 SPACE_MARK = "\u2581"  # sentencepiece writes a space inside a piece as this character
 MIN_SP_VOCAB = 100
+MAX_SP_VOCAB = 2**31 - 1
 N_BYTE_PIECES = 256
 # Lines are grouped into training "sentences" of at most this many UTF-8 bytes: sentencepiece
 # silently drops sentences above its max_sentence_length (4192 bytes by default).
@@ -203,10 +204,12 @@ def parse_tokenizer_spec(spec: str) -> tuple[str, int | None]:
     text = spec.strip()
     if text == "bytes":
         return "bytes", None
-    match = re.fullmatch(r"sp:(\d+)", text)
+    match = re.fullmatch(r"sp:([0-9]{1,12})", text)
     if not match:
         raise TinyMoeError(f"tokenizer '{spec}': expected 'bytes' or 'sp:N' (for example sp:2000)")
     vocab_size = int(match.group(1))
     if vocab_size < MIN_SP_VOCAB:
         raise TinyMoeError(f"tokenizer '{spec}': sp vocabulary must be at least {MIN_SP_VOCAB}")
+    if vocab_size > MAX_SP_VOCAB:  # sentencepiece reads it as int32; the token cache as uint32
+        raise TinyMoeError(f"tokenizer '{spec}': sp vocabulary must be at most {MAX_SP_VOCAB}")
     return "sp", vocab_size

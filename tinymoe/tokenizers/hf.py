@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from tinymoe.errors import TinyMoeError
+from tinymoe.jsonutil import dumps
 
 SPACE_MARK = "\u2581"
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -98,9 +99,9 @@ def write_tokenizer_files(tokenizer, out: Path, context: int) -> dict:
               "clean_up_tokenization_spaces": False, "add_bos_token": False, "add_eos_token": False,
               "tinymoe_tokenizer": kind}
     if kind == "bytes":
-        text = json.dumps(byte_tokenizer_json(), ensure_ascii=False)
+        text = dumps(byte_tokenizer_json(), ensure_ascii=False)
     elif kind == "sp":
-        text = json.dumps(sentencepiece_tokenizer_json(tokenizer.model_proto), ensure_ascii=False)
+        text = dumps(sentencepiece_tokenizer_json(tokenizer.model_proto), ensure_ascii=False)
         tokenizer.save(out / "tokenizer.model")  # the original, for tools that want it
     elif kind == "hf":
         text = tokenizer.tokenizer_json
@@ -108,7 +109,7 @@ def write_tokenizer_files(tokenizer, out: Path, context: int) -> dict:
     else:
         raise TinyMoeError(f"tokenizer kind '{kind}' cannot be exported")
     (out / "tokenizer.json").write_text(text, encoding="utf-8")
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+    (out / "tokenizer_config.json").write_text(dumps(config, indent=1))
     return {"kind": kind, "matches": _check_encoding(tokenizer, text)}
 
 
@@ -119,9 +120,8 @@ def _check_encoding(tokenizer, text: str) -> bool | None:
         from tokenizers import Tokenizer
     except ImportError:
         return None
-    from tinymoe.data.corpus import bundled_corpus_dir
-
-    files = sorted(Path(bundled_corpus_dir()).rglob("*.txt"))
+    corpus = Path(__file__).resolve().parent.parent / "corpus"  # the bundled corpus (package data)
+    files = sorted(corpus.rglob("*.txt"))
     sample = "".join(f.read_text(encoding="utf-8")[:4000] for f in files[:4]) + " héllo ✓ \t\t 𝔘\n\n  x"
     ours = list(tokenizer.encode(sample))
     theirs = Tokenizer.from_str(text).encode(sample, add_special_tokens=False).ids

@@ -5,8 +5,10 @@ averaged over the micro-batches, clipped to a global norm, then AdamW updates th
 update is `mx.compile`d with the model and optimizer state as explicit inputs/outputs, and so is
 the forward/backward unless an MoE layer uses `grouped` dispatch (segment lengths read on the
 host), which runs eagerly. The loss and gradient norm are checked on
-the host before the update: a non-finite step is skipped, leaving weights and optimizer state
-untouched, and counted; too many in a row stop the run (tinymoe.train.monitor).
+the host before the update, and the updated weights and optimizer state after it
+(tinymoe.train.step): a non-finite step is skipped or rolled back, leaving weights and optimizer
+state as they were, and counted; too many in a row stop the run (tinymoe.train.monitor). A
+checkpoint is never saved with NaN or inf in it (tinymoe.io.checkpoint refuses).
 
 Everything needed to continue exactly is in the checkpoint: weights, optimizer state (incl. its
 step count, which drives the learning-rate schedule) and the batch sampler's RNG state. MLX's
@@ -17,9 +19,7 @@ uninterrupted run's losses bit for bit on CPU.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -30,7 +30,9 @@ from tinymoe.config import ModelConfig, TrainConfig, to_dict
 from tinymoe.data.batches import BatchSampler
 from tinymoe.data.prepare import prepare_data
 from tinymoe.errors import TinyMoeError
-from tinymoe.io import checkpoint
+from tinymoe.jsonutil import dumps
+from tinymoe.io import checkpoint, metrics_log
+from tinymoe.memory_check import require_train_fits
 from tinymoe.nn.model import Model, count_params
 from tinymoe.optim.factory import make_optimizer
 from tinymoe.train.evaluate import evaluate
@@ -50,6 +52,7 @@ class Trainer:
         mx.random.seed(train.seed)
         self.data = prepare_data(train, resume["tokenizer"] if resume else init["tokenizer"] if init else None)
         model_cfg.vocab_size = self.data.tokenizer.vocab_size
+        require_train_fits(model_cfg, train)  # one line instead of a crash inside the allocator
         self.cfg = model_cfg
         self.model = Model(model_cfg, train.dispatch)
         if init:  # tinymoe train --init: start from a checkpoint's weights (e.g. an upcycled model)
@@ -65,6 +68,7 @@ class Trainer:
         self.step, self.tokens_seen = 0, 0
         self.health = HealthMonitor(train.max_bad_steps, train.spike_factor, train.spike_window)
         self.last_checkpoint = None  # the newest checkpoint of this run: kept intact when we stop
+        self.data_files = None  # the run's data record (tinymoe.data.record), stored in each manifest
         if resume:
             self._restore(resume)
         self.progress = ProgressBar(train.steps, self.step, progress, train.log_every)
@@ -110,7 +114,7 @@ class Trainer:
                                                     for k, v in last.items()},
                               "skipped_steps": self.health.skipped_steps, "tokens_per_s": round(tok_s, 1),
                               "tokens_seen": self.tokens_seen}
-                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.write(dumps(record) + "\n")
                     metrics_file.flush()
                     window_start, window_tokens = time.perf_counter(), 0
                 if stop:
@@ -118,7 +122,7 @@ class Trainer:
                 if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.steps:
                     val = self.validate()
                     if val["loss"] is not None:
-                        metrics_file.write(json.dumps({"step": self.step, **{f"val_{k}": v for k, v in val.items()}}) + "\n")
+                        metrics_file.write(dumps({"step": self.step, **{f"val_{k}": v for k, v in val.items()}}) + "\n")
                         metrics_file.flush()
                         self.progress.message(f"step {self.step}: val loss {val['loss']:.4f} "
                                               f"bits/byte {val['bits_per_byte']:.4f}")
@@ -150,14 +154,18 @@ class Trainer:
                                       f"(over {h.spike_factor:g} x the recent mean {mean:.4f})")
             return None
         stop = h.bad()
-        self.progress.message(f"step {self.step}: loss {last['loss']}, grad norm {last['grad_norm']}: not finite, "
-                              f"update skipped ({h.consecutive_bad} in a row, {h.skipped_steps} in total)")
+        if last.get("rolled_back"):  # finite loss and gradient, but the update broke the weights
+            what = (f"loss {last['loss']:.4f}, grad norm {last['grad_norm']:.4f}, lr {last['lr']:g}: the update "
+                    f"made weights or optimizer state non-finite, rolled back")
+        else:
+            what = f"loss {last['loss']}, grad norm {last['grad_norm']}: not finite, update skipped"
+        self.progress.message(f"step {self.step}: {what} ({h.consecutive_bad} in a row, {h.skipped_steps} in total)")
         if not stop:
             return None
         kept = (f"the last good checkpoint {self.last_checkpoint} is intact" if self.last_checkpoint
                 else "no checkpoint had been saved yet")
-        return (f"step {self.step}: {h.consecutive_bad} consecutive steps with a non-finite loss or gradient "
-                f"(max_bad_steps {h.max_bad_steps}); training stopped and {kept}; try a lower --lr")
+        return (f"step {self.step}: {h.consecutive_bad} consecutive steps with a non-finite loss, gradient or "
+                f"update (max_bad_steps {h.max_bad_steps}); training stopped and {kept}; try a lower --lr")
 
     def validate(self) -> dict:
         self.model.train(False)
@@ -173,6 +181,7 @@ class Trainer:
             "tokenizer": self.data.tokenizer.to_manifest(), "tokens_seen": self.tokens_seen,
             "params": count_params(self.model), "dispatch": self.model.dispatch,
             "data": {"sources": self.data.sources, "domains": self.data.domain_names,
+                     **({"files": self.data_files} if self.data_files is not None else {}),
                      "train_tokens": int(self.data.train_tokens.size),
                      "val_tokens": int(self.data.val_tokens.size), "sampler": self.sampler.state()},
             "metrics": metrics, "health": self.health.state(),
@@ -184,12 +193,7 @@ class Trainer:
         return self.last_checkpoint
 
     def _trim_metrics(self) -> None:
-        """On resume, drop log lines past the resumed step (written after that checkpoint)."""
-        path = self.run_dir / "metrics.jsonl"
-        if not path.exists() or self.step == 0:
-            return
-        kept = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= self.step]
-        tmp = path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
+        """On resume, drop log lines past the resumed step (written after that checkpoint), and
+        a line torn by the crash that interrupted the run (tinymoe.train.metrics_log)."""
+        if self.step > 0:
+            metrics_log.trim(self.run_dir / metrics_log.FILE_NAME, self.step)
