@@ -64,9 +64,9 @@ def warnings(capsys):
 def test_verdicts_live_in_tinymoe_s_cache_folder(monkeypatch, tmp_path):
     from tinymoe.data.prepare import cache_dir
 
-    assert trust.cache_root() == cache_dir()
+    assert trust.cache_dir() == cache_dir()
     monkeypatch.setenv("TINYMOE_CACHE", str(tmp_path))
-    assert trust.cache_root() == cache_dir() == tmp_path
+    assert trust.cache_dir() == cache_dir() == tmp_path
     assert trust.cache_path(("0.1.0", "0.32.4", "metal", "Apple M2 Max")).parent == tmp_path / "kernel-checks"
 
 

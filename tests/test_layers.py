@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Lowest first. A module may import its own unit and any unit of a lower layer, nothing else.
 # (Layer 0 is ordered within itself too: see FOUNDATION.)
 LAYERS = [
-    ("foundation", ["tinymoe", "tinymoe.errors", "tinymoe.backend", "tinymoe.names", "tinymoe.jsonutil",
+    ("foundation", ["tinymoe", "tinymoe.errors", "tinymoe.paths", "tinymoe.backend", "tinymoe.names", "tinymoe.jsonutil",
                     "tinymoe.text_input", "tinymoe.router_registry", "tinymoe.config", "tinymoe.planner",
                     "tinymoe.memory_check"]),
     ("parts", ["tinymoe.nn", "tinymoe.optim", "tinymoe.tokenizers"]),
@@ -26,7 +26,7 @@ LAYERS = [
     ("cli", ["tinymoe.cli"]),
 ]
 # Inside the foundation, each module may import only the ones listed before it.
-FOUNDATION = ["tinymoe.errors", "tinymoe.names", "tinymoe.jsonutil", "tinymoe.text_input", "tinymoe.backend",
+FOUNDATION = ["tinymoe.errors", "tinymoe.paths", "tinymoe.names", "tinymoe.jsonutil", "tinymoe.text_input", "tinymoe.backend",
               "tinymoe", "tinymoe.router_registry", "tinymoe.config", "tinymoe.planner", "tinymoe.memory_check"]
 # Imported before a command runs (`tinymoe --help`, argument parsing, config checks, planning).
 MLX_FREE = [*FOUNDATION, "tinymoe.interop.hf_config", "tinymoe.cli.main"]

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -13,11 +11,8 @@ from tinymoe.data.batches import split_train_val
 from tinymoe.data.corpus import bundled_corpus_dir, read_documents
 from tinymoe.data.tokens import tokenize_documents
 from tinymoe.errors import TinyMoeError
+from tinymoe.paths import cache_dir  # noqa: F401  (also imported from here)
 from tinymoe.tokenizers.builtin import ByteTokenizer, parse_tokenizer_spec, train_sentencepiece
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("TINYMOE_CACHE", Path.home() / ".cache" / "tinymoe"))
 
 
 @dataclass

@@ -34,6 +34,7 @@ import mlx.core as mx
 import numpy as np
 
 from tinymoe.errors import TinyMoeError
+from tinymoe.paths import cache_dir
 from tinymoe.nn.kernels import launch
 from tinymoe.nn.kernels import references as ref
 
@@ -155,15 +156,9 @@ def verdict_key(backend: str) -> tuple[str, str, str, str]:
     return (__version__, mx.__version__, backend, device_name())
 
 
-def cache_root() -> Path:
-    """tinymoe's cache folder: the rule of tinymoe.data.prepare.cache_dir, which this layer may
-    not import (a test keeps the two equal)."""
-    return Path(os.environ.get("TINYMOE_CACHE", Path.home() / ".cache" / "tinymoe"))
-
-
 def cache_path(key) -> Path:
     slug = re.sub(r"[^A-Za-z0-9.]+", "-", "-".join(key)).strip("-")
-    return cache_root() / "kernel-checks" / f"{slug}.json"
+    return cache_dir() / "kernel-checks" / f"{slug}.json"
 
 
 def _load(key) -> Verdict | None:
