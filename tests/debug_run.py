@@ -2,12 +2,13 @@
 
 from tinymoe.config import TrainConfig, load_preset
 
-FOX_TEXT = "the quick brown fox jumps over the lazy dog. " * 80
+FOX_LINE = "the quick brown fox jumps over the lazy dog. "
 
 
-def write_corpus(folder):
+def write_corpus(folder, repeats: int = 80):
+    """`folder/corpus.txt`: one short sentence `repeats` times (80: about 3.6 KB, a few windows)."""
     path = folder / "corpus.txt"
-    path.write_text(FOX_TEXT)
+    path.write_text(FOX_LINE * repeats)
     return path
 
 

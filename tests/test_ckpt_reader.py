@@ -10,6 +10,7 @@ import json
 
 import numpy as np
 import pytest
+from debug_run import write_corpus
 from click.testing import CliRunner
 
 from tinymoe.cli.main import cli
@@ -57,9 +58,7 @@ def flip_byte(path, offset):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("the quick brown fox jumps over the lazy dog. " * 80)
-    return path
+    return write_corpus(tmp_path_factory.mktemp("corpus"), 80)
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import shutil
 import struct
 
 import pytest
+from debug_run import write_corpus
 from click.testing import CliRunner
 
 from tinymoe.io import safetensors_io
@@ -37,9 +38,7 @@ def error_line(result, code=2):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("errors") / "corpus.txt"
-    path.write_text("the quick brown fox jumps over the lazy dog. " * 80)
-    return path
+    return write_corpus(tmp_path_factory.mktemp("errors"), 80)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from debug_run import write_corpus
 from click.testing import CliRunner
 
 from tinymoe.cli.main import cli
@@ -32,9 +33,7 @@ def one_error_line(result) -> str:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("input") / "corpus.txt"
-    path.write_text("the quick brown fox jumps over the lazy dog. " * 40)
-    return path
+    return write_corpus(tmp_path_factory.mktemp("input"), 40)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ import sys
 from datetime import timedelta
 
 import pytest
+from debug_run import write_corpus
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -85,9 +86,7 @@ def watchdog():
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("fuzz-input") / "corpus.txt"
-    path.write_text("the quick brown fox jumps over the lazy dog. " * 30)
-    return path
+    return write_corpus(tmp_path_factory.mktemp("fuzz-input"), 30)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ What this cannot prove: that Apple's Metal compiler accepts the source (the prel
 model of MSL), or anything about running it. See docs/mac.md for what is verified where.
 """
 
+import os
 import shutil
 
 import mlx.core as mx
@@ -23,7 +24,9 @@ DTYPE_PAIRS = {"float32": (F32, F32), "float16": (F16, F16), "bfloat16": (BF16, 
 # "device": ordinary buffers; "constant": inputs under 8 elements, which MLX declares
 # `const constant T*` (Metal's constant address space) instead of `const device T*`.
 SIZES = {"device": dict(T=16, K=2, D=40), "constant": dict(T=2, K=2, D=3)}
-ARCHS = ("sm_80", "sm_90a")  # MLX JIT-compiles for the running GPU; Ampere and Hopper here
+# MLX JIT-compiles for the running GPU; Ampere and Hopper by default, any list on request:
+# TINYMOE_NVRTC_ARCHS=sm_75,sm_86,sm_89,sm_100a,sm_120a pytest tests/test_kernel_sources.py -k nvrtc
+ARCHS = tuple(os.environ.get("TINYMOE_NVRTC_ARCHS", "sm_80,sm_90a").split(","))
 
 
 def cxx_or_skip():

@@ -96,7 +96,6 @@ def test_overwrite_checks_the_new_inputs_before_deleting_the_old_run(trained, tm
 
 def test_overwrite_replaces_a_marked_run(trained, tmp_path, corpus):
     copy = fresh_copy(trained, tmp_path)
-    (copy / "checkpoints" / "step-0000003").exists()
     result = train(copy, corpus, "--steps", 2, "--overwrite")
     assert result.exit_code == 0, result.output
     steps = sorted(p.name for p in (copy / "checkpoints").iterdir())
@@ -312,3 +311,61 @@ def test_sample_and_eval_while_training_never_fail(tmp_path, corpus):
     finally:
         trainer.kill()
         trainer.wait()
+
+
+# ----------------------------------------------------------------------------- hidden leftovers
+
+
+def test_only_marked_leftovers_are_ever_removed(tmp_path):
+    """Names like tinymoe's hidden staging folders are not enough: a folder without the marker is
+    never deleted, and a staged write refuses rather than clear one in its way."""
+    from tinymoe.errors import TinyMoeError
+    from tinymoe.io.folders import clean_leftovers, staged_output, write_marker
+
+    out = tmp_path / "out"
+    dead_pid = 2**22 + 12345  # above Linux's default pid_max: no such process
+    theirs = tmp_path / f".out.tmp-{dead_pid}"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine")
+    ours = tmp_path / f".out.old-{dead_pid}"
+    ours.mkdir()
+    write_marker(ours, "export")
+    clean_leftovers(out)
+    assert (theirs / "notes.txt").read_text() == "mine"
+    assert out.is_dir() and (out / "tinymoe.json").is_file() and not ours.exists()  # restored, not lost
+
+    blocker = tmp_path / f".out.tmp-{os.getpid()}"
+    blocker.mkdir()
+    (blocker / "notes.txt").write_text("mine")
+    with pytest.raises(TinyMoeError, match="staging folder"):
+        with staged_output(out, "export", overwrite=True):
+            pass
+    assert (blocker / "notes.txt").read_text() == "mine"
+    assert (out / "tinymoe.json").is_file()  # the earlier export is untouched
+
+
+def test_a_deletion_cut_short_is_finished_by_the_next_write(tmp_path):
+    """Deleting removes the marker last, so whatever a kill leaves is still recognisably ours."""
+    from tinymoe.io.folders import MARKER, clean_leftovers, delete_marked, write_marker
+
+    dead_pid = 2**22 + 54321
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("the current output")
+    half = tmp_path / f".out.del-{dead_pid}"  # marker still there, some contents already gone
+    (half / "sub").mkdir(parents=True)
+    write_marker(half, "export")
+    (half / "sub" / "model.safetensors").write_bytes(b"x")
+    emptied = tmp_path / f".out.tmp-{dead_pid + 1}"  # killed before its marker was written
+    emptied.mkdir()
+    (emptied / f".{MARKER}.tmp-{dead_pid + 1}").write_text("{")
+    clean_leftovers(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert (out / "keep.txt").read_text() == "the current output"
+
+    folder = tmp_path / "marked"
+    (folder / "a" / "b").mkdir(parents=True)
+    (folder / "a" / "b" / "f").write_text("x")
+    write_marker(folder, "run")
+    delete_marked(folder)
+    assert not folder.exists()

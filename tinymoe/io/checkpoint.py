@@ -36,6 +36,7 @@ from tinymoe.io import safetensors_io
 from tinymoe.errors import CheckpointError
 from tinymoe.jsonutil import dumps
 from tinymoe.io.finite import nonfinite_arrays
+from tinymoe.io.folders import fsync_dir, pid_alive, swap_into_place
 from tinymoe.io.manifest import FILES, FORMAT_NAME, FORMAT_VERSION, entries_in, read_manifest  # noqa: F401
 
 _STEP_NAME = re.compile(r"step-(\d+)")
@@ -53,14 +54,6 @@ def step_dirname(step: int) -> str:
 
 def _step_of(name: str) -> int:
     return int(name.split("-", 1)[1])
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_bytes_atomic(path: Path, data: bytes) -> None:
@@ -105,7 +98,7 @@ def save(run_dir: Path, step: int, weights: dict, optimizer_state: dict, manifes
             shutil.rmtree(tmp)
         tmp.mkdir()
         _write_checkpoint(tmp, step, weights, optimizer_state, manifest, tokenizer)
-        _move_into_place(tmp, final)
+        swap_into_place(tmp, final)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"{final}: cannot save checkpoint: {_why(exc)}; "
@@ -115,7 +108,7 @@ def save(run_dir: Path, step: int, weights: dict, optimizer_state: dict, manifes
         raise
     try:
         _write_bytes_atomic(run_dir / "latest", (final.name + "\n").encode())
-        _fsync_dir(run_dir)
+        fsync_dir(run_dir)
     except OSError as exc:
         raise CheckpointError(f"{run_dir / 'latest'}: cannot point it at {final.name}: {_why(exc)}; "
                               f"the checkpoint itself is complete") from None
@@ -149,26 +142,7 @@ def _write_checkpoint(tmp: Path, step: int, weights: dict, optimizer_state: dict
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files, "tensors": tensors}
     # The manifest goes last: its presence marks the directory as complete.
     _write_bytes_atomic(tmp / "manifest.json", dumps(full, indent=1).encode())
-    _fsync_dir(tmp)
-
-
-def _move_into_place(tmp: Path, final: Path) -> None:
-    ckpt_root = final.parent
-    if final.exists():  # re-saving a step (e.g. after resuming from an older one)
-        # Two renames, not one: a crash between them leaves .old, which resolve() still finds
-        # and the next save renames back if the new one never arrived.
-        old = ckpt_root / f".{final.name}.old-{os.getpid()}"
-        os.replace(final, old)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            os.replace(old, final)
-            raise
-        _fsync_dir(ckpt_root)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(ckpt_root)
+    fsync_dir(tmp)
 
 
 def _file_entry(path: Path) -> dict:
@@ -177,19 +151,6 @@ def _file_entry(path: Path) -> dict:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether another process with this pid runs (ours counts as gone: an earlier, failed attempt)."""
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def clean_leftovers(ckpt_root: Path) -> None:

@@ -8,9 +8,13 @@ marker, an export where a run is asked for) is refused with one line naming what
 Checkpoint directories inside a run are recognised by their own manifest (tinymoe.io.checkpoint).
 
 Folders written in one go (export, upcycle, import) are built in a hidden sibling
-(`.NAME.tmp-PID`) and renamed into place at the end, like checkpoints: a crash at any moment
-leaves either the previous folder or none at all, never a partial one under the real name.
-Hidden leftovers of a crashed writer (its pid no longer alive) are removed by the next write.
+(`.NAME.tmp-PID`, marked from its creation) and renamed into place at the end, like checkpoints:
+a crash at any moment leaves either the previous folder or none at all, never a partial one
+under the real name. A replaced folder is renamed aside and deleted only after the new one has
+taken its name. Hidden leftovers of a crashed writer (its pid no longer alive) are removed by the
+next write, and only when they carry the marker; deletion removes the marker last, so a deletion
+cut short leaves a folder that is still marked (or empty) and the next write finishes it.
+Nothing here deletes a non-empty folder that does not carry the marker.
 """
 
 from __future__ import annotations
@@ -24,12 +28,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tinymoe.errors import TinyMoeError
-from tinymoe.io.checkpoint import pid_alive
 
 MARKER = "tinymoe.json"
 KINDS = ("run", "export")
 MARKER_FORMAT = 1
-_LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<what>tmp|old)-(?P<pid>\d+)")
+# Hidden siblings: .NAME.tmp-PID (being written), .old-PID (moved aside), .del-PID (being deleted).
+_LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<what>tmp|old|del)-(?P<pid>\d+)")
+_MARKER_SCRAP = re.compile(r"\.tinymoe\.json\.tmp-\d+")  # what write_marker leaves if cut short
 
 
 def read_marker(folder: Path) -> dict | None:
@@ -115,15 +120,80 @@ def remove_marked(out: Path, kind: str) -> None:
     marker = read_marker(out)
     if marker is None or marker["kind"] != kind:
         raise TinyMoeError(f"{out}: not a tinymoe {kind} folder; refusing to delete it")
-    doomed = out.with_name(f".{out.name}.old-{os.getpid()}")
-    os.replace(out, doomed)  # invisible under its real name at once, then deleted
-    shutil.rmtree(doomed, ignore_errors=True)
+    doomed = out.with_name(f".{out.name}.del-{os.getpid()}")
+    try:
+        os.replace(out, doomed)  # invisible under its real name at once, then deleted
+    except OSError as exc:
+        raise TinyMoeError(f"{out}: cannot move it aside to replace it: {exc.strerror or exc}") from None
+    delete_marked(doomed)
+
+
+def delete_marked(folder: Path) -> None:
+    """Delete a folder tinymoe made, its marker last: a deletion cut short (kill -9) leaves it still
+    marked, or empty, never an unmarked folder with contents. Best effort, like any cleanup."""
+    for child in list(folder.iterdir()):
+        if child.name == MARKER:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            try:
+                child.unlink()
+            except OSError:
+                pass
+    for last in (lambda: (folder / MARKER).unlink(), folder.rmdir):
+        try:
+            last()
+        except OSError:
+            pass
+
+
+def _is_scrap(folder: Path) -> bool:
+    """An empty folder, or one holding only what an interrupted write_marker leaves."""
+    try:
+        return all(_MARKER_SCRAP.fullmatch(child.name) for child in folder.iterdir())
+    except OSError:
+        return False
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether another process with this pid runs (ours counts as gone: an earlier, failed attempt)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def swap_into_place(tmp: Path, final: Path) -> None:
+    """Rename the complete folder `tmp` to `final`. An existing `final` is renamed aside first
+    (`.NAME.old-PID`) and deleted only once `tmp` has its name: a crash between the two renames
+    leaves the old folder under the hidden name, which the next writer brings back."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            os.replace(old, final)
+            raise
+        fsync_dir(final.parent)
+        doomed = final.with_name(f".{final.name}.del-{os.getpid()}")
+        os.replace(old, doomed)  # from here on it is garbage, never to be brought back
+        delete_marked(doomed)
+    else:
+        os.replace(tmp, final)
+    fsync_dir(final.parent)
 
 
 def clean_leftovers(out: Path) -> None:
-    """Remove hidden `.NAME.tmp-PID` / `.NAME.old-PID` siblings of `out` left by dead writers; an
-    `.old` one comes back as `out` when a writer died after moving it aside but before the new
-    folder took its place."""
+    """Remove the hidden siblings of `out` that dead writers left and that carry the marker (or
+    are empty); an intact `.old` one comes back as `out` when a writer died after moving it aside
+    but before the new folder took its place."""
     out = Path(out)
     try:
         siblings = list(out.parent.iterdir())
@@ -133,61 +203,50 @@ def clean_leftovers(out: Path) -> None:
         m = _LEFTOVER.fullmatch(path.name)
         if not (m and m.group("name") == out.name and not pid_alive(int(m.group("pid")))):
             continue
+        if read_marker(path) is None:
+            if path.is_dir() and _is_scrap(path):  # cut short before its marker was written, or after it went
+                delete_marked(path)
+            continue  # otherwise not ours to delete, whatever its name
         if m.group("what") == "old" and not out.exists():  # killed between the two renames of a swap
             try:
                 os.replace(path, out)
                 continue
             except OSError:
                 pass
-        shutil.rmtree(path, ignore_errors=True)
+        delete_marked(path)
 
 
 @contextmanager
 def staged_output(out: Path, kind: str, overwrite: bool, source: str | Path | None = None):
-    """Yield a hidden sibling folder to write into; on success it is marked and renamed to `out`
+    """Yield a hidden, marked sibling folder to write into; on success it is renamed to `out`
     (replacing an earlier marked `kind` folder), on any failure it is removed."""
     out = Path(out)
     check_output(out, kind, overwrite, source)
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_leftovers(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
+        tmp.mkdir()
+    except OSError as exc:  # e.g. an unmarked folder of that name: not ours to remove
+        raise TinyMoeError(f"{tmp}: cannot create the staging folder: {exc.strerror or exc}") from None
+    try:
+        write_marker(tmp, kind)  # from the start, so a crash leaves a leftover the next write may remove
         yield tmp
-        write_marker(tmp, kind)
-        _commit(tmp, out, kind, overwrite, source)
+        if not check_output(out, kind, overwrite, source) and out.is_dir():  # again: it may have changed
+            out.rmdir()  # empty, as just checked
+        swap_into_place(tmp, out)
+    except OSError as exc:
+        delete_marked(tmp)
+        raise TinyMoeError(f"{out}: cannot write it: {exc.strerror or exc}") from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        delete_marked(tmp)  # our own staging folder, created just above
         raise
 
 
-def _commit(tmp: Path, out: Path, kind: str, overwrite: bool, source) -> None:
-    replace = check_output(out, kind, overwrite, source)  # again: the folder may have changed meanwhile
-    if replace:
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        try:
-            os.replace(tmp, out)
-        except OSError:
-            os.replace(old, out)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        if out.is_dir():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-    _fsync_dir(out.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
+def fsync_dir(path: Path) -> None:
+    """Flush a directory's entries (renames) to disk."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-    except OSError:
-        pass
     finally:
         os.close(fd)
