@@ -17,12 +17,13 @@ import json
 import time
 
 import tinymoe  # noqa: F401  (preloads OpenBLAS before MLX)
+from tinymoe.quick import quick
 
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def best_ms(fn, repeats: int = 5) -> float:
+def best_ms(fn, repeats: int = 1 if quick() else 5) -> float:  # TINYMOE_QUICK: once
     fn()
     times = []
     for _ in range(repeats):

@@ -13,7 +13,8 @@
 # writes to $OUT: doctor.json, selftest.json (every dispatch path and kernel against its
 # reference, and the kernels' first-use verdict), pytest-gpu.txt (the tests marked `gpu`),
 # moe_layer.json (training-step layer timings), moe_layer_decode.json (decode-sized layers),
-# sample_<dispatch>.json (tokens/s decoding from a small trained model) and summary.txt. It exits
+# sample_<dispatch>.json (tokens/s decoding from a small trained model), decode.json (tinymoe
+# against mlx-lm, float and 4-bit, on the same exported model) and summary.txt. It exits
 # non-zero when a check failed; benchmark numbers are reported, never judged.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,7 +32,7 @@ if [ -z "${SKIP_INSTALL:-}" ]; then
   # tinymoe itself without its dependencies: they name mlx[cpu] off macOS, which would put the
   # CPU backend beside the CUDA one.
   "$PY" -m pip install "${pip_args[@]}" "mlx[cuda12]>=0.32.1" numpy click sentencepiece pytest \
-    hypothesis matplotlib "tomli; python_version < '3.11'" || exit 1
+    hypothesis matplotlib "tomli; python_version < '3.11'" mlx-lm || exit 1
   "$PY" -m pip install -q --no-deps -e . || exit 1
 fi
 "$PY" -c 'import mlx.core as mx; ok = mx.cuda.is_available(); print("MLX", mx.__version__, "CUDA", ok, mx.device_info(mx.gpu) if ok else "")' \
@@ -61,6 +62,7 @@ for d in gather grouped metal; do
   run "sample_$d.json" "$VENV/bin/tinymoe" sample "$OUT/run" --max-tokens 200 --temperature 0 \
     --moe-dispatch "$d" --json
 done
+run decode.json "$PY" benchmarks/decode.py --json
 
 {
   echo "tinymoe GPU checks: $(date -u +%Y-%m-%dT%H:%M:%SZ)"

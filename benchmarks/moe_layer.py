@@ -36,6 +36,7 @@ import time
 # Before mlx.core: on Linux this preloads OpenBLAS, without which every number here is ~10x off.
 import tinymoe  # noqa: F401
 from tinymoe import backend as tm_backend
+from tinymoe.quick import quick
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
@@ -195,6 +196,8 @@ def parse_args(argv=None):
     args.tokens = args.tokens or grid["tokens"]
     if args.quick and "--repeats" not in (argv if argv is not None else sys.argv):
         args.repeats = 3
+    if quick():  # TINYMOE_QUICK (tinymoe/quick.py): try the command quickly (the docs check): one small case
+        args.experts, args.top_k, args.tokens, args.warmup, args.repeats = [8], [2], [512], 1, 1
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = [b for b in args.backends if b not in dispatch.BACKENDS]
     if unknown:

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import tinymoe  # noqa: F401  (preloads OpenBLAS before MLX)
+from tinymoe.quick import quick
 
 # name -> ModelConfig overrides on top of the tiny preset with 8 experts, top-2.
 VARIANTS = {
@@ -100,6 +101,8 @@ def main():
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.add_argument("--json-out", help="also write the rows as JSON to this file")
     args = p.parse_args()
+    if quick():  # TINYMOE_QUICK (tinymoe/quick.py): try the command quickly (the docs check): two variants
+        args.only, args.eval_batches = args.only or ",".join(list(VARIANTS)[:2]), 1
     names = [n.strip() for n in args.only.split(",") if n.strip()] or list(VARIANTS)
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:

@@ -20,6 +20,7 @@ import sys
 import time
 
 import tinymoe  # noqa: F401  (preloads OpenBLAS before MLX)
+from tinymoe.quick import quick
 
 
 def configs(preset: str, experts: int, top_k: int):
@@ -95,6 +96,8 @@ def main():
     p.add_argument("--compare-blas", action="store_true", help="also run without the OpenBLAS preload")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
+    if quick():  # TINYMOE_QUICK (tinymoe/quick.py): try the command quickly (the docs check): one timed step
+        args.steps, args.warmup, args.preset = 1, 1, "debug"
     rows = run(args)
     if args.compare_blas and not os.environ.get("TINYMOE_NO_OPENBLAS"):
         argv = [sys.executable, __file__, *[a for a in sys.argv[1:] if a != "--compare-blas"], "--json"]

@@ -56,6 +56,20 @@ def doctor(as_json):
         return
     for key, value in report.items():
         click.echo(f"{key:20s} {value}")
-    if "reference BLAS" in report["blas"]:
-        click.echo("hint: install OpenBLAS (Debian/Ubuntu: apt-get install libopenblas0-pthread) "
-                   "for ~8x faster training on CPU")
+    hint = blas_hint(report["blas"], backend.openblas_status()[1])
+    if hint:
+        click.echo(hint)
+
+
+def blas_hint(blas: str, preload_reason: str) -> str | None:
+    """What to do about a slow BLAS, matching why OpenBLAS is not in use (tinymoe.backend.setup)."""
+    if "reference BLAS" not in blas:
+        return None
+    if preload_reason.startswith("disabled by TINYMOE_NO_OPENBLAS"):
+        return "hint: OpenBLAS is turned off by TINYMOE_NO_OPENBLAS; unset it for ~8x faster training on CPU"
+    if preload_reason.startswith("could not load"):
+        return f"hint: OpenBLAS is installed but {preload_reason}; set TINYMOE_OPENBLAS to a working libopenblas.so"
+    if preload_reason.startswith("mlx.core was imported"):
+        return "hint: import tinymoe before mlx so it can load OpenBLAS first (~8x faster training on CPU)"
+    return ("hint: install OpenBLAS (Debian/Ubuntu: apt-get install libopenblas0-pthread) "
+            "for ~8x faster training on CPU")

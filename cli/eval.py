@@ -15,9 +15,13 @@ from tinymoe.names import DISPATCH_CHOICES
 @click.option("--max-batches", default=None, type=click.IntRange(min=1), help="Stop after N batches.")
 @click.option("--moe-dispatch", "dispatch", default="auto", show_default=True,
               type=click.Choice(DISPATCH_CHOICES))
-@click.option("--json", "as_json", is_flag=True, help='Print {"loss", "ppl", "bits_per_byte", "tokens"}.')
+@click.option("--loss-on", type=click.Choice(["auto", "all", "target"]), default="auto", show_default=True,
+              help="Score every token, or only the targets of instruction examples; auto: only the targets "
+                   "when the data holds instruction examples.")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"loss", "ppl", "bits_per_byte", "tokens", "loss_on"}.')
 @user_errors
-def eval_cmd(checkpoint, data, batch_size, max_batches, dispatch, as_json):
+def eval_cmd(checkpoint, data, batch_size, max_batches, dispatch, loss_on, as_json):
     """Score CHECKPOINT on held-out text: loss (nats/token), perplexity, bits per byte."""
     from tinymoe.data.prepare import held_out_tokens
     from tinymoe.train.evaluate import evaluate
@@ -28,14 +32,22 @@ def eval_cmd(checkpoint, data, batch_size, max_batches, dispatch, as_json):
     held = held_out_tokens(manifest, tokenizer, data)
     tokens, what = held.tokens, held.what
     model.train(False)
-    result = evaluate(model, tokens, tokenizer.token_byte_lengths(), batch_size, model.cfg.context, max_batches)
+    target_only = loss_on == "target" or (loss_on == "auto" and held.has_prompts)
+    from tinymoe.quick import eval_batches
+
+    result = evaluate(model, tokens, tokenizer.token_byte_lengths(), batch_size, model.cfg.context,
+                      eval_batches(max_batches),
+                      held.mask if target_only else None)
+    if result["tokens"] == 0 and target_only and tokens.size > model.cfg.context:
+        raise UserError(f"{what}: no target token in the windows scored (raise --max-batches)")
     if result["tokens"] == 0:
         raise UserError(f"{what} is shorter than one context window ({model.cfg.context + 1} tokens)")
     if as_json:
         print_json(result)
         return
     click.echo(f"checkpoint      {ckpt} (step {manifest['step']})")
-    click.echo(f"data            {what}, {result['tokens']:,} tokens scored")
+    scored = "target tokens scored (prompt tokens not scored)" if target_only else "tokens scored"
+    click.echo(f"data            {what}, {result['tokens']:,} {scored}")
     click.echo(f"loss            {result['loss']:.4f} nats/token")
     click.echo(f"perplexity      {result['ppl']:.3f}")
     click.echo(f"bits per byte   {result['bits_per_byte']:.4f}")

@@ -20,9 +20,15 @@ ARCH_CHOICES = ["auto", *MOE_ARCHS, *DENSE_ARCHS]  # the table of tinymoe.intero
 @click.option("--check/--no-check", default=None,
               help="Load the export with mlx-lm and compare logits (default: when mlx-lm is installed).")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier tinymoe export in --out (only a folder tinymoe created as an export).")
+@click.option("--fuse", is_flag=True, help="A fine-tuned checkpoint (tinymoe finetune): merge its adapters into "
+              "the base (a quantized base is dequantized) and export the result.")
+@click.option("--requantize", is_flag=True, help="With --fuse on a quantized base: quantize the merged model "
+              "again as the base was.")
+@click.option("--base", type=click.Path(), default=None, help="With --fuse: the base checkpoint, when it is no "
+              "longer where the fine-tune found it (its digest must match).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @user_errors
-def export(checkpoint, fmt, arch, out, check, overwrite, as_json):
+def export(checkpoint, fmt, arch, out, check, fuse, requantize, base, overwrite, as_json):
     """Write CHECKPOINT as a Hugging Face-format model directory in --out.
 
     \b
@@ -41,7 +47,7 @@ def export(checkpoint, fmt, arch, out, check, overwrite, as_json):
     from tinymoe.interop.export import export_hf
     from tinymoe.run.readers import read_latest
 
-    report = read_latest(checkpoint, lambda c: export_hf(c, Path(out), arch, overwrite, check))
+    report = read_latest(checkpoint, lambda c: export_hf(c, Path(out), arch, overwrite, check, fuse, requantize, base))
     if as_json:
         print_json(report)
         return
@@ -49,6 +55,9 @@ def export(checkpoint, fmt, arch, out, check, overwrite, as_json):
     click.echo(f"architecture {report['architecture']} ({report['tensors']} tensors)")
     match = {True: "encodes identically", False: "WARNING: encodes differently", None: "not checked"}
     click.echo(f"tokenizer    {report['tokenizer']} -> tokenizer.json ({match[report['tokenizer_matches']]})")
+    if "fused_max_abs_logit_diff" in report:
+        click.echo(f"fused        adapters merged; max |logit diff| vs the adapted model = "
+                   f"{report['fused_max_abs_logit_diff']:.3g}")
     if "mlx_lm_max_abs_logit_diff" in report:
         click.echo(f"mlx-lm check max |logit diff| = {report['mlx_lm_max_abs_logit_diff']:.3g}")
     click.echo(f"wrote        {report['out']}")

@@ -50,15 +50,29 @@ def inspect_cmd(checkpoint, data, summary_only, batch_size, max_batches, plot_di
         "tokenizer": manifest["tokenizer"].get("kind"),
         "metrics": manifest.get("metrics", {}),
         "domains": [], "domain_tokens": [],
+        "stages": _stage_history(manifest),
+        "finetune": ({k: v for k, v in manifest["finetune"].items() if k != "base"}
+                     | {"base": manifest["finetune"].get("base", {}).get("path")} if "finetune" in manifest else None),
+        "quantization": ({k: manifest["quantization"][k] for k in ("bits", "group_size", "modules")}
+                         if "quantization" in manifest else None),
     }
     layers = []
     if not summary_only and model.moe_layers():
+        from tinymoe.quick import eval_batches
+
+        max_batches = eval_batches(max_batches)
         held = held_out_tokens(manifest, tokenizer, data)
         tokens, what, domain_ids, domain_names = held.tokens, held.what, held.domain_ids, held.domain_names
         routed = routing_stats(model, tokens, batch_size, cfg.context, max_batches, domain_ids, domain_names)
         layers = routed["layers"]
         summary.update(routed_on=what, routed_tokens=routed["tokens"], domains=routed["domains"],
                        domain_tokens=routed["domain_tokens"])
+        if "finetune" in manifest:  # a fine-tune: how far its routing moved from the base's
+            from tinymoe.analysis.drift import routing_drift
+            from tinymoe.io.reader import open_checkpoint
+
+            base = open_checkpoint(ckpt).base_model()
+            summary["drift"] = routing_drift(model, base, tokens, batch_size, cfg.context, max_batches)
     summary["layers"] = layers
     written = _plots(summary, Path(plot_dir)) if plot_dir and layers else []
     if as_json:
@@ -67,6 +81,17 @@ def inspect_cmd(checkpoint, data, summary_only, batch_size, max_batches, plot_di
         _print(summary)
     for path in written:
         click.echo(f"wrote {path}", err=True)
+
+
+def _stage_history(manifest: dict) -> list:
+    """The run's stages (name, steps, status, groups, loss) when it was trained in stages."""
+    from tinymoe.stages import from_dicts, history
+
+    stored = manifest.get("stages")
+    if stored is None:
+        return []
+    plan = from_dicts(stored.get("plan") if isinstance(stored, dict) else None, "the checkpoint's manifest.json")
+    return history(plan, manifest["step"])
 
 
 def _plots(summary: dict, out: Path) -> list:
@@ -86,6 +111,17 @@ def _print(s):
                f"context {m['context']}, vocab {m['vocab']} ({s['tokenizer']}); {kind}")
     if p:
         click.echo(f"parameters   {p['total']:,} total, {p['active']:,} active per token")
+    f = s.get("finetune")
+    if f:
+        click.echo(f"fine-tune    LoRA rank {f['rank']}, alpha {f['alpha']:g}, targets {', '.join(f['targets'])}, "
+                   f"router {f['router']}; base {f['base']}")
+    q = s.get("quantization")
+    if q:
+        click.echo(f"quantized    {q['bits']}-bit, group size {q['group_size']}: {len(q['modules'])} layers "
+                   f"(routers, norms and biases in float)")
+    for i, st in enumerate(s["stages"]):
+        click.echo(f"{'stages' if i == 0 else '':<12} {i + 1}. {st['name']}: steps {st['first_step']}-{st['last_step']}"
+                   f" ({st['status']}), train {', '.join(st['train'])}, loss on {st['loss_on']}")
     metrics = {k: round(v, 4) for k, v in s["metrics"].items() if isinstance(v, float)}
     if metrics:
         click.echo("last losses  " + ", ".join(f"{k} {v}" for k, v in metrics.items()))
@@ -95,6 +131,8 @@ def _print(s):
                    + (f" ({doms})" if doms else ""))
     for layer in s["layers"]:
         _print_layer(layer, s["domains"])
+    if s.get("drift"):
+        _print_drift(s["drift"])
     if s["layers"]:
         click.echo("\n(dead = under 10% of the uniform share 1/E; specialization = I(domain; expert) / "
                    "H(domain): 0 = routing ignores the domain, 1 = each expert serves one domain)")
@@ -128,3 +166,11 @@ def _print_layer(layer: dict, domains: list) -> None:
         pairs = ", ".join(f"{a}+{b} {100 * p['share']:.0f}%" + (f" (lift {p['lift']:.2f})" if p["lift"] else "")
                           for p in layer["top_pairs"][:3] for a, b in [p["experts"]])
         click.echo(f"  fire together: {pairs}  (share of tokens using both)")
+
+
+def _print_drift(drift: dict) -> None:
+    click.echo(f"\nrouting drift against the base model ({drift['tokens']:,} tokens, the same windows):")
+    for layer in drift["layers"]:
+        change = " ".join(f"{100 * v:+.1f}" for v in layer["load_change"])
+        click.echo(f"  layer {layer['layer']}: top-k set changed for {100 * layer['topk_changed']:.1f}% of tokens, "
+                   f"first choice for {100 * layer['first_changed']:.1f}%; load change per expert (points): {change}")

@@ -11,13 +11,16 @@ from tinymoe import __version__
 from tinymoe.cli.doctor import doctor
 from tinymoe.cli.eval import eval_cmd
 from tinymoe.cli.export import export
+from tinymoe.cli.finetune import finetune
 from tinymoe.cli.import_cmd import import_cmd
 from tinymoe.cli.inspect import inspect_cmd
 from tinymoe.cli.plan import plan
 from tinymoe.cli.plot import plot
+from tinymoe.cli.quantize import quantize
 from tinymoe.cli.route import route
 from tinymoe.cli.sample import sample
 from tinymoe.cli.selftest import selftest
+from tinymoe.cli.teacher_cache import teacher_cache
 from tinymoe.cli.train import train
 from tinymoe.cli.upcycle import upcycle
 from tinymoe.cli.validate import validate_cmd
@@ -79,7 +82,7 @@ def cli():
 
 
 for command in (train, sample, eval_cmd, inspect_cmd, doctor, route, plot, validate_cmd, selftest,
-                upcycle, export, import_cmd, plan):
+                upcycle, export, import_cmd, plan, quantize, finetune, teacher_cache):
     cli.add_command(command)
 
 

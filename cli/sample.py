@@ -35,7 +35,8 @@ from tinymoe.names import DISPATCH_CHOICES
 @click.option("--resident-experts", type=click.IntRange(min=1), default=None,
               help="Keep at most N experts per MoE layer in memory (LRU, read on demand from the "
                    "memory-mapped checkpoint); reports the cache hit rate.")
-@click.option("--json", "as_json", is_flag=True, help="Print {prompt, text, tokens, tokens_per_s} as JSON "
+@click.option("--json", "as_json", is_flag=True, help="Print {prompt, text, tokens, tokens_per_s, prefill_tokens_per_s, "
+              "decode_tokens_per_s} as JSON "
               "(with --show-routing also routing: {layers, tokens: [{id, text, experts, gates, prompt}]}).")
 @user_errors
 def sample(checkpoint, prompt, max_tokens, temperature, top_k, top_p, seed, dispatch, show_routing, layer,
@@ -73,8 +74,8 @@ def sample(checkpoint, prompt, max_tokens, temperature, top_k, top_p, seed, disp
     # Decodes a short window per token (a partial UTF-8 character is held back until its
     # remaining bytes arrive); decoding all generated tokens each step was quadratic.
     stream = StreamDecoder(tokenizer)
-    start = time.perf_counter()
-    for token in generate(model, prompt_ids, max_tokens, temperature, top_k, top_p, seed):
+    start, timing = time.perf_counter(), {}
+    for token in generate(model, prompt_ids, max_tokens, temperature, top_k, top_p, seed, timing=timing):
         generated.append(token)
         if not as_json:
             piece = stream.add(token)
@@ -89,14 +90,30 @@ def sample(checkpoint, prompt, max_tokens, temperature, top_k, top_p, seed, disp
         from tinymoe.infer.offload import cache_stats
 
         stats = cache_stats(caches)
+    speeds = phase_speeds(timing)
     if as_json:
         print_json({"prompt": prompt, "text": text, "tokens": len(generated), "tokens_per_s": round(tok_s, 1),
-                    **({"expert_cache": stats} if stats else {})})
+                    **speeds, **({"expert_cache": stats} if stats else {})})
         return
     click.echo(stream.flush())
     cache_note = (f", expert cache hit rate {stats['hit_rate']:.1%} ({stats['misses']} loads)"
                   if stats and stats["hit_rate"] is not None else "")
-    click.echo(f"\n[{len(generated)} tokens, {tok_s:.1f} tokens/s{cache_note}]", err=True)
+    click.echo(f"\n[{len(generated)} tokens, {tok_s:.1f} tokens/s: {phase_note(speeds)}{cache_note}]", err=True)
+
+
+def phase_speeds(timing: dict) -> dict:
+    """Prefill (prompt tokens until the first new token is known) and decode (each later token)
+    speeds from `generate`'s timing record; None where a phase took no measurable time."""
+    rate = lambda n, s: round(n / s, 1) if s > 0 and n > 0 else None  # noqa: E731
+    return {"prompt_tokens": timing.get("prompt_tokens", 0),
+            "prefill_tokens_per_s": rate(timing.get("prompt_tokens", 0), timing.get("prefill_s", 0)),
+            "decode_tokens_per_s": rate(timing.get("decode_tokens", 0), timing.get("decode_s", 0))}
+
+
+def phase_note(speeds: dict) -> str:
+    fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+    return (f"prefill {speeds['prompt_tokens']} tokens at {fmt(speeds['prefill_tokens_per_s'])} tokens/s, "
+            f"decode {fmt(speeds['decode_tokens_per_s'])} tokens/s")
 
 
 def pick_layer(model, layer: int | None) -> int:
@@ -116,20 +133,21 @@ def _sample_routed(model, tokenizer, prompt, prompt_ids, column, color, as_json,
     from tinymoe.infer.sample import generate
 
     records: list = []
-    start = time.perf_counter()
-    generated = list(generate(model, prompt_ids, *settings, routing=records))
+    start, timing = time.perf_counter(), {}
+    generated = list(generate(model, prompt_ids, *settings, routing=records, timing=timing))
     seconds = time.perf_counter() - start
     layers = model.moe_layers()
     routing = generation_routing(records, len(layers), len(prompt_ids), len(generated), model.cfg.context)
     tokens = token_records(tokenizer, list(prompt_ids) + generated, routing, n_prompt=len(prompt_ids))
     tok_s = len(generated) / seconds if seconds > 0 else 0.0
+    speeds = phase_speeds(timing)
     if as_json:
         print_json({"prompt": prompt, "text": tokenizer.decode(generated), "tokens": len(generated),
-                    "tokens_per_s": round(tok_s, 1), "routing": {"layers": layers, "tokens": tokens}})
+                    "tokens_per_s": round(tok_s, 1), **speeds, "routing": {"layers": layers, "tokens": tokens}})
         return
     on = use_color(color, sys.stdout)
     # color=on: click would otherwise strip the escape codes whenever stdout is not a terminal.
     click.echo(render_text(tokens, column, on), color=on)
     click.echo(f"\nlayer {layers[column]}, first-choice expert: " + legend(tokens, column, model.cfg.moe_experts, on),
                color=on)
-    click.echo(f"[{len(generated)} tokens, {tok_s:.1f} tokens/s]", err=True)
+    click.echo(f"[{len(generated)} tokens, {tok_s:.1f} tokens/s: {phase_note(speeds)}]", err=True)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import click
 
 from tinymoe.cli.common import FINITE, SEED, OutDir, UserError, print_json, user_errors
-from tinymoe.names import DISPATCH_CHOICES, OPTIMIZER_STATE_DTYPES, OPTIMIZERS
+from tinymoe.errors import TinyMoeError
+from tinymoe.cli.run_plan import run_plan
+from tinymoe.names import DISPATCH_CHOICES, LOSS_ON, OPTIMIZER_STATE_DTYPES, OPTIMIZERS
 from tinymoe.router_registry import ROUTERS, option_users
 
 
@@ -62,18 +64,44 @@ TRAIN_FLAGS = {
                               "adafactor's statistics."),
     "max_bad_steps": (int, "Stop after this many consecutive steps with a non-finite loss or gradient "
                            "(each is skipped without updating the weights)."),
+    "loss_on": (click.Choice(LOSS_ON), "LM loss over all tokens, or only the targets of instruction "
+                "examples (JSONL prompt/completion or messages; docs/stages.md)."),
+    "teacher_cache": (str, "Distil from this teacher cache (built by tinymoe teacher-cache for the same data; "
+                      "docs/distill.md)."),
+    "distill_weight": (float, "With --teacher-cache: loss = w * KD + (1 - w) * CE (default 0.5 with a cache)."),
+    "distill_temperature": (float, "With --teacher-cache: temperature of the KD term (KL at T, times T^2)."),
 }
+DEFAULT_PRESET = "tiny"
+
+
+def _preset_values() -> dict:
+    """The default preset's value of every flag, for --help (one small TOML file: still instant)."""
+    import dataclasses
+
+    from tinymoe.config import load_preset
+
+    try:
+        model_cfg, train_cfg = load_preset(DEFAULT_PRESET)
+    except Exception:  # noqa: BLE001 - help must show even from a broken install
+        return {}
+    return {**dataclasses.asdict(model_cfg), **dataclasses.asdict(train_cfg)}
+
+
 def _flag_options(fn):
     # Floats must be finite (click's float takes "nan" and "inf"); a seed is in [0, 2**63).
     checked = {float: FINITE}
+    preset = _preset_values()
     for name, (typ, help_text) in reversed(list({**MODEL_FLAGS, **TRAIN_FLAGS}.items())):
         typ = SEED if name == "seed" else checked.get(typ, typ)
+        if name in preset and preset[name] not in (None, ""):
+            help_text = f"{help_text} [{DEFAULT_PRESET}: {preset[name]}]"
         fn = click.option("--" + name.replace("_", "-"), name, type=typ, default=None, help=help_text)(fn)
     return fn
 
 
 @click.command()
-@click.option("--preset", default="tiny", show_default=True, help="Preset name (see presets/) or a .toml path.")
+@click.option("--preset", default=DEFAULT_PRESET, show_default=True,
+              help="Preset name (see presets/) or a .toml path; flags not given keep its values.")
 @click.option("--data", multiple=True, help="Text file, directory, glob, JSONL, or DOMAIN=PATH; repeatable. "
               "Default: the bundled corpus.")
 @click.option("--out", type=OutDir(), help="Run directory to create.")
@@ -96,12 +124,19 @@ def _flag_options(fn):
               help="With --resume: continue although the training files changed since the run started.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier tinymoe run in --out (only a folder tinymoe "
               "created as a run; after the new inputs are checked).")
+@click.option("--stages", "stages_file", type=click.Path(), default=None,
+              help="Train in the stages of this TOML file ([[stage]] tables: steps, data, weights, trained "
+                   "groups, lr scale, loss; docs/stages.md). Replaces --data and --steps.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
 @user_errors
 def train(preset, data, out, resume, router_norm, dispatch, sets, keep, extend_steps, allow_data_change, overwrite,
           quiet, as_json, **flags):
-    """Train a (Mixture-of-Experts) language model and write checkpoints to --out."""
+    """Train a (Mixture-of-Experts) language model and write checkpoints to --out.
+
+    Every setting comes from --preset unless a flag gives it; [tiny: N] below is the value
+    of the default preset. The run's plan (steps, tokens, schedule) and a time estimate are
+    printed before and just after training starts."""
     from tinymoe.config import apply_overrides, load_preset, validate
 
     model_over = {k: v for k, v in flags.items() if k in MODEL_FLAGS and v is not None}
@@ -115,6 +150,11 @@ def train(preset, data, out, resume, router_norm, dispatch, sets, keep, extend_s
     _split_sets(sets, model_over, train_over)
 
     init_from = flags.pop("init_from", None)
+    stages_file = flags.pop("stages_file", None)
+    if stages_file and data:
+        raise UserError("--stages names the data of each stage; drop --data")
+    if stages_file and "steps" in train_over:
+        raise UserError("--stages sets the length of the run (the sum of its stages' steps); drop --steps")
     if init_from and resume:
         raise UserError("--init starts a new run and --resume continues one; pass only one of them")
     if (extend_steps or allow_data_change) and not resume:
@@ -133,9 +173,10 @@ def train(preset, data, out, resume, router_norm, dispatch, sets, keep, extend_s
             raise UserError("the tokenizer comes from the checkpoint given to --init; drop --tokenizer")
         if not out and not resume:
             raise UserError("--out is required with --init (the run folder to create)")
-        train_cfg = apply_overrides(load_preset(preset)[1], train_over, "flag")
+        train_cfg = apply_overrides(load_preset(preset)[1], _distill_default(train_over), "flag")
         prepared = init_run(init_from, out or weights_only, train_cfg, model_over, overwrite=overwrite, keep=keep,
-                            progress=not quiet, continue_in_place=resume is not None and out is None)
+                            progress=not quiet, continue_in_place=resume is not None and out is None,
+                            stages_file=stages_file)
         if not quiet:
             click.echo(f"init: weights and tokenizer from {init_from}; new optimizer, step 0", err=True)
         return _train(prepared, quiet, as_json)
@@ -143,7 +184,8 @@ def train(preset, data, out, resume, router_norm, dispatch, sets, keep, extend_s
         from tinymoe.run.lifecycle import resume_run
 
         prepared = resume_run(resume, out, model_over, train_over, keep=keep, extend_steps=extend_steps or 0,
-                              allow_data_change=allow_data_change, overwrite=overwrite, progress=not quiet)
+                              allow_data_change=allow_data_change, overwrite=overwrite, progress=not quiet,
+                              stages_file=stages_file)
         return _train(prepared, quiet, as_json)
     if not out:
         raise UserError("--out is required (the run folder to create), or use --resume DIR")
@@ -151,14 +193,23 @@ def train(preset, data, out, resume, router_norm, dispatch, sets, keep, extend_s
 
     model_cfg, train_cfg = load_preset(preset)
     model_cfg = apply_overrides(model_cfg, model_over, "flag")
-    train_cfg = apply_overrides(train_cfg, train_over, "flag")
+    train_cfg = apply_overrides(train_cfg, _distill_default(train_over), "flag")
     validate(model_cfg, train_cfg)
-    prepared = new_run(model_cfg, train_cfg, out, overwrite=overwrite, keep=keep, progress=not quiet)
+    prepared = new_run(model_cfg, train_cfg, out, overwrite=overwrite, keep=keep, progress=not quiet,
+                       stages_file=stages_file)
     _train(prepared, quiet, as_json)
 
 
+def _distill_default(train_over: dict) -> dict:
+    """A new run given a teacher cache without --distill-weight mixes KD and CE half and half (a
+    resumed run keeps its own weight)."""
+    if train_over.get("teacher_cache") and "distill_weight" not in train_over:
+        return {**train_over, "distill_weight": 0.5}
+    return train_over
+
+
 def _split_sets(sets, model_over, train_over):
-    from tinymoe.config import ModelConfig, TrainConfig
+    from tinymoe.config import ModelConfig, TrainConfig, apply_overrides
 
     for item in sets:
         key, sep, raw = item.partition("=")
@@ -166,11 +217,13 @@ def _split_sets(sets, model_over, train_over):
             raise UserError(f"--set expects KEY=VALUE, got '{item}'")
         value = _parse_value(raw)
         if key in ModelConfig.__dataclass_fields__:
-            model_over[key] = value
+            section, over = ModelConfig, model_over
         elif key in TrainConfig.__dataclass_fields__:
-            train_over[key] = value
+            section, over = TrainConfig, train_over
         else:
             raise UserError(f"--set: unknown setting '{key}'")
+        apply_overrides(section(), {key: value}, f"--set {item}")  # its type, named after the flag as given
+        over[key] = value
 
 
 def _parse_value(raw: str):
@@ -201,10 +254,20 @@ def _train(prepared, quiet, as_json):
                    f"{'' if trainer.compiled else ' (eager)'}; run dir {run_dir}", err=True)
         if prepared.note:
             click.echo(prepared.note, err=True)
+        for line in run_plan(trainer.train, model_cfg.context, trainer.step, getattr(trainer, "stages", None)):
+            click.echo(line, err=True)
     try:
         summary = prepared.train()
     except KeyboardInterrupt:
-        raise UserError(f"interrupted at step {trainer.step}; resume with: tinymoe train --resume {run_dir}")
+        if prepared.discarded:
+            raise UserError(f"interrupted at step {trainer.step}, before the first checkpoint: nothing was saved "
+                            f"and {run_dir} was removed; run the same command again") from None
+        raise UserError(f"interrupted at step {trainer.step}; resume with: tinymoe train --resume {run_dir}") from None
+    except TinyMoeError as exc:
+        if prepared.discarded:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise UserError(f"{first} ({run_dir} was removed: nothing had been saved)") from None
+        raise
     summary["run_dir"] = str(run_dir)
     if as_json:
         print_json(summary)

@@ -1,4 +1,5 @@
-"""A debug-preset training config over a small text file: shared by the training-reliability tests."""
+"""Shared test helpers: a debug-preset training config over a small text file, and the check that a
+command failed with one `error:` line."""
 
 from tinymoe.config import TrainConfig, load_preset
 
@@ -16,3 +17,13 @@ def configs(corpus, **train):
     """(model config, train config) of the debug preset trained on `corpus`, logging every step."""
     model, tr = load_preset("debug")
     return model, TrainConfig(**{**tr.__dict__, "data": [str(corpus)], "eval_every": 0, "log_every": 1, **train})
+
+
+def one_error_line(result, *fragments):
+    """The CLI result's single `error:` line (exit code 2), holding every fragment."""
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]

@@ -41,7 +41,7 @@ def test_smoke_train_sample_eval_inspect(trained):
     e = run("eval", trained, "--json")
     assert e.exit_code == 0, e.output
     ev = json.loads(e.output)
-    assert set(ev) == {"loss", "ppl", "bits_per_byte", "tokens"}
+    assert set(ev) == {"loss", "ppl", "bits_per_byte", "tokens", "loss_on"} and ev["loss_on"] == "all"
     assert ev["ppl"] == pytest.approx(__import__("math").exp(ev["loss"]), rel=1e-6)
     assert ev["bits_per_byte"] == pytest.approx(ev["loss"] / __import__("math").log(2), rel=1e-6)  # bytes
 

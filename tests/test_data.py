@@ -258,7 +258,7 @@ def test_token_cache_hit_skips_encoding(tmp_path):
     first = tokenize_documents(docs, first_tok, tmp_path / "cache")
     assert first_tok.encode_calls > 0
     files = sorted(p.name for p in (tmp_path / "cache").iterdir())
-    assert len(files) == 3 and not any(".tmp" in name for name in files)
+    assert len(files) == 4 and not any(".tmp" in name for name in files)  # tokens, domains, target mask, meta
     assert {Path(n).suffix for n in files} == {".bin", ".json"}
 
     second_tok = CountingByteTokenizer()
@@ -273,7 +273,7 @@ def test_token_cache_hit_skips_encoding(tmp_path):
     third_tok = CountingByteTokenizer()
     tokenize_documents(changed, third_tok, tmp_path / "cache")
     assert third_tok.encode_calls > 0
-    assert len(list((tmp_path / "cache").iterdir())) == 6
+    assert len(list((tmp_path / "cache").iterdir())) == 8
 
 
 # ----------------------------------------------------------------------------- splitting

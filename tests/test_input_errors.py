@@ -1,4 +1,4 @@
-"""Bad input from issue 13, one named regression test per example: each gives exactly one
+"""Reported bad input, one named regression test per example: each gives exactly one
 `error: ...` line and exit code 2 (or is handled by a documented policy), never a traceback, a
 hang, a signal or a crash. What the old code did is in each test's docstring. The random search
 for more such inputs is tests/test_input_fuzz.py; the contract is docs/errors.md.
@@ -91,7 +91,7 @@ def test_non_finite_training_flags(corpus, tmp_path, flag, value):
     ("seed=-1", "seed must be >= 0"),
     ("d_ff=10000000000", "d_ff must be at most 2147483647"),  # old: OverflowError from MLX
     ("vocab_size=4000000000", "vocab_size must be at most"),
-    ("steps=" + "9" * 5000, "'steps' must be int"),  # old: ValueError (int of 4300+ digits) in tomllib
+    ("steps=" + "9" * 5000, "'steps' must be an integer"),  # old: ValueError (int of 4300+ digits) in tomllib
 ])
 def test_bad_set_values(corpus, tmp_path, setting, problem):
     line = one_error_line(invoke("train", *FAST, "--data", corpus, "--out", tmp_path / "r", "--set", setting))

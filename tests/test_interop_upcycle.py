@@ -127,7 +127,7 @@ def test_hub_source_offline_is_one_clear_line(tmp_path, monkeypatch):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    with pytest.raises(TinyMoeError, match="downloading it from the Hugging Face hub failed"):
+    with pytest.raises(TinyMoeError, match="no such local directory, and no Hugging Face hub repository"):
         resolve_source("tinymoe-tests/no-such-model")
     with pytest.raises(TinyMoeError, match="no such directory"):
         resolve_source(str(tmp_path / "missing" / "dir"))

@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # (Layer 0 is ordered within itself too: see FOUNDATION.)
 LAYERS = [
     ("foundation", ["tinymoe", "tinymoe.errors", "tinymoe.paths", "tinymoe.backend", "tinymoe.names", "tinymoe.jsonutil",
-                    "tinymoe.text_input", "tinymoe.router_registry", "tinymoe.config", "tinymoe.planner",
-                    "tinymoe.memory_check"]),
+                    "tinymoe.quick", "tinymoe.text_input", "tinymoe.router_registry", "tinymoe.config", "tinymoe.stages",
+                    "tinymoe.planner", "tinymoe.finetune_plan", "tinymoe.memory_check", "tinymoe.distill_plan"]),
     ("parts", ["tinymoe.nn", "tinymoe.optim", "tinymoe.tokenizers"]),
     ("stores", ["tinymoe.data", "tinymoe.io"]),
     ("workflows", ["tinymoe.train", "tinymoe.infer", "tinymoe.analysis", "tinymoe.interop"]),
@@ -26,8 +26,9 @@ LAYERS = [
     ("cli", ["tinymoe.cli"]),
 ]
 # Inside the foundation, each module may import only the ones listed before it.
-FOUNDATION = ["tinymoe.errors", "tinymoe.paths", "tinymoe.names", "tinymoe.jsonutil", "tinymoe.text_input", "tinymoe.backend",
-              "tinymoe", "tinymoe.router_registry", "tinymoe.config", "tinymoe.planner", "tinymoe.memory_check"]
+FOUNDATION = ["tinymoe.errors", "tinymoe.paths", "tinymoe.names", "tinymoe.jsonutil", "tinymoe.quick", "tinymoe.text_input", "tinymoe.backend",
+              "tinymoe", "tinymoe.router_registry", "tinymoe.config", "tinymoe.stages", "tinymoe.planner",
+              "tinymoe.finetune_plan", "tinymoe.memory_check", "tinymoe.distill_plan"]
 # Imported before a command runs (`tinymoe --help`, argument parsing, config checks, planning).
 MLX_FREE = [*FOUNDATION, "tinymoe.interop.hf_config", "tinymoe.cli.main"]
 

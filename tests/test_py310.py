@@ -1,5 +1,5 @@
 """Python 3.10 is declared supported (pyproject: requires-python >= 3.10), and the team's machines
-run 3.11, so nothing here would notice 3.11-only code. Issue 13: `import tomllib` in cli/train.py
+run 3.11, so nothing here would notice 3.11-only code. Once, `import tomllib` in cli/train.py
 broke `--set` on 3.10. This parses every module of the package with 3.10's grammar and checks
 that no module uses the standard library's 3.11 additions, except behind a version check.
 """

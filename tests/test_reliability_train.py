@@ -141,7 +141,9 @@ def test_max_bad_steps_flag_through_the_cli(tmp_path, corpus, monkeypatch):
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
     assert lines == ["error: step 2: 2 consecutive steps with a non-finite loss, gradient or update (max_bad_steps 2); "
-                     "training stopped and no checkpoint had been saved yet; try a lower --lr"]
+                     f"training stopped and no checkpoint had been saved yet; try a lower --lr ({out} was removed: "
+                     f"nothing had been saved)"]
+    assert not out.exists()
 
 
 def test_loss_spike_is_flagged(tmp_path, corpus, capsys):

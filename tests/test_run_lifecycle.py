@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from debug_run import one_error_line
+
 from tinymoe.cli.main import cli
 from tinymoe.data.corpus import bundled_corpus_dir
 
@@ -28,15 +30,6 @@ def run(*args, cwd=None):
     finally:
         if cwd is not None:
             os.chdir(old)
-
-
-def one_error_line(result, *fragments):
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def snapshot(folder: Path) -> dict:

@@ -22,7 +22,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from tinymoe.errors import TinyMoeError
-from tinymoe.names import DISPATCH_CHOICES, OPTIMIZER_STATE_DTYPES, OPTIMIZERS
+from tinymoe.names import DISPATCH_CHOICES, LOSS_ON, OPTIMIZER_STATE_DTYPES, OPTIMIZERS
 from tinymoe.router_registry import check_router
 
 # Integer bounds, checked by `validate`. Sizes, counts and step numbers reach MLX as int32 (a
@@ -119,6 +119,12 @@ class TrainConfig:
     spike_window: int = 20  # steps in that recent mean
     optimizer: str = "adamw"  # adamw | sparse-adamw | adafactor (lazy per-expert state, tinymoe.optim)
     optimizer_state_dtype: str = "float32"  # float32 | bfloat16 (sparse-adamw and adafactor only)
+    loss_on: str = "all"  # all | target: the LM loss over every token or the targets of instruction data
+    # Distillation from a teacher cache (tinymoe teacher-cache; docs/distill.md): the LM loss is
+    # (1 - distill_weight) * CE + distill_weight * KD at distill_temperature.
+    teacher_cache: str = ""  # the cache folder ("" = no teacher)
+    distill_weight: float = 0.0
+    distill_temperature: float = 1.0
 
 
 PRESET_SECTIONS = {"model": ModelConfig, "train": TrainConfig}
@@ -188,8 +194,15 @@ def _coerce(value, current, key: str, where: str):
     if not ok:
         shown = repr(value) if not isinstance(value, int) or abs(value) < 10**60 else "(a huge number)"
         shown = shown if len(shown) <= 60 else shown[:57] + "..."  # a whole TOML table is no message
-        raise TinyMoeError(f"{where}: '{key}' must be {expected.__name__}, got {type(value).__name__} {shown}")
+        wanted = _TYPE_WORDS.get(expected, expected.__name__)
+        raise TinyMoeError(f"{where}: '{key}' must be {wanted}, got {_TYPE_WORDS.get(type(value), type(value).__name__)}"
+                           f" {shown}")
     return value
+
+
+# How a setting's type reads in an error message ("must be an integer, got text 'wide'").
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "text", list: "a list of strings",
+               dict: "a table"}
 
 
 def apply_overrides(cfg, overrides: dict, where: str = "override"):
@@ -273,8 +286,16 @@ def validate(model: ModelConfig, train: TrainConfig | None = None) -> None:
     if train.optimizer == "adamw" and train.optimizer_state_dtype != "float32":
         raise TinyMoeError("optimizer_state_dtype bfloat16 needs optimizer sparse-adamw or adafactor "
                            "(adamw keeps float32 moments)")
+    if train.loss_on not in LOSS_ON:
+        raise TinyMoeError(f"unknown loss_on '{train.loss_on}' (choose from {', '.join(LOSS_ON)})")
     if train.dispatch not in DISPATCH_CHOICES:
         raise TinyMoeError(f"unknown dispatch '{train.dispatch}' (choose from {', '.join(DISPATCH_CHOICES)})")
+    if not 0 <= train.distill_weight <= 1:
+        raise TinyMoeError(f"distill_weight must be in [0, 1], got {train.distill_weight}")
+    if not train.distill_temperature >= 0.01:  # the student's logits are divided by it
+        raise TinyMoeError(f"distill_temperature must be at least 0.01, got {train.distill_temperature}")
+    if train.distill_weight > 0 and not train.teacher_cache:
+        raise TinyMoeError("distill_weight needs a teacher cache (--teacher-cache DIR, built by tinymoe teacher-cache)")
 
 
 def to_dict(cfg) -> dict:

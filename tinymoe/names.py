@@ -20,3 +20,16 @@ PARAM_DTYPES = tuple(DTYPE_BYTES)
 # MoE dispatch backends of tinymoe.nn.dispatch; `auto` resolves to one of them by device.
 DISPATCH_BACKENDS = ("dense", "gather", "grouped", "metal")
 DISPATCH_CHOICES = ("auto", *DISPATCH_BACKENDS)
+
+# What the language-model loss is computed over: every token, or only the target part of
+# instruction examples (tinymoe.data.instruct).
+LOSS_ON = ("all", "target")
+# Parameter groups a training stage may train (tinymoe.stages.group_of says which weight is in which).
+PARAM_GROUPS = ("router", "experts", "shared", "attention", "ffn", "embeddings", "all")
+# What a teacher cache stores per position (tinymoe.data.teacher_cache): the teacher's top-k ids
+# and the rest mass, or ids drawn from the teacher (unbiased, importance-weighted); the dtype of
+# the stored log-probabilities.
+TEACHER_CACHE_METHODS = ("topk", "sample")
+TEACHER_CACHE_DTYPES = ("float16", "float32")
+# What low-rank adapters may be attached to when fine-tuning (tinymoe.nn.lora).
+LORA_TARGETS = ("attention", "experts", "shared", "ffn", "router")

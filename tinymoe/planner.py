@@ -24,7 +24,9 @@ Memory model (bytes; every figure is an estimate except the parameter counts):
   activations    what backprop keeps per token and layer (see `_activation_bytes`), attention
                  scores (MLX's attention backward materialises the L x L probabilities) and the
                  logits; assumes a sparse dispatch backend (grouped/gather: K experts per token)
-Sampling needs the weights (only `resident_experts` experts per MoE layer when offloading) and
+Sampling needs the weights (only `resident_experts` experts per MoE layer when offloading; with
+`quant_bits`, `tinymoe quantize`'s layout: each quantized weight bits/8 bytes plus a scale and a
+bias of the parameter dtype per `group_size` weights, routers, norms and biases in float) and
 the KV cache, no gradients or optimizer state; offloading adds the prefill's working set
 (tinymoe.infer.offload: a prompt may touch more experts than the cache keeps).
 
@@ -169,9 +171,27 @@ def presets_that_fit(memory_gib: float, usable_fraction: float) -> dict[str, boo
     return fits
 
 
+def float_params(cfg: ModelConfig) -> int:
+    """Parameters `tinymoe quantize` keeps in float: routers, norms and attention biases."""
+    dh = cfg.head_dim
+    biases = (cfg.n_heads + 2 * cfg.n_kv_heads) * dh if cfg.attn_bias else 0
+    return (moe_layer_count(cfg) * router_params(cfg) + (2 * cfg.n_layers + 1) * cfg.d_model
+            + cfg.n_layers * biases)
+
+
+def weight_bytes(params: int, float_part: int, p_bytes: int, quant_bits: int = 0, group_size: int = 64) -> float:
+    """Bytes of `params` weights of which `float_part` stay float: the rest packed at quant_bits
+    (0 = float) with a scale and a bias of p_bytes per group."""
+    if not quant_bits:
+        return params * p_bytes
+    packed = params - float_part
+    return float_part * p_bytes + packed * quant_bits / 8 + 2 * p_bytes * packed / group_size
+
+
 def plan(cfg: ModelConfig, *, mode: str = "train", batch: int = 1, context: int | None = None,
          param_dtype: str = "float32", optimizer: str = "adamw", state_dtype: str = "float32",
          expert_state_fraction: float = 1.0, resident_experts: int = 0, prompt_tokens: int | None = None,
+         quant_bits: int = 0, group_size: int = 64,
          memory_gib: float = DEFAULT_MEMORY_GIB, usable_fraction: float = DEFAULT_USABLE_FRACTION,
          limit_source: str = "the default Metal GPU working-set limit") -> dict:
     """Parameters, memory per component (bytes), total, and whether it fits the budget."""
@@ -188,6 +208,8 @@ def plan(cfg: ModelConfig, *, mode: str = "train", batch: int = 1, context: int 
         raise TinyMoeError("batch and memory must be positive and the usable fraction in (0, 1]")
     if resident_experts < 0:
         raise TinyMoeError(f"resident experts must be >= 0, got {resident_experts}")
+    if quant_bits and (mode != "sample" or quant_bits not in (4, 8) or group_size not in (32, 64, 128)):
+        raise TinyMoeError("quantized weights (4 or 8 bits, group size 32, 64 or 128) are for --mode sample")
     context = context or cfg.context
     counts = param_counts(cfg)
     p_bytes, s_bytes = DTYPE_BYTES[param_dtype], DTYPE_BYTES[state_dtype]
@@ -197,7 +219,7 @@ def plan(cfg: ModelConfig, *, mode: str = "train", batch: int = 1, context: int 
         if resident_experts and cfg.is_moe:
             kept = min(resident_experts, cfg.moe_experts)
             resident -= counts.moe_layers * (cfg.moe_experts - kept) * counts.per_expert
-        parts["weights"] = resident * p_bytes
+        parts["weights"] = int(weight_bytes(resident, float_params(cfg), p_bytes, quant_bits, group_size))
         kv = cfg.n_kv_heads * cfg.head_dim
         parts["kv_cache"] = 2 * cfg.n_layers * batch * context * kv * p_bytes
         if resident_experts and cfg.is_moe:
@@ -207,7 +229,8 @@ def plan(cfg: ModelConfig, *, mode: str = "train", batch: int = 1, context: int 
             tokens = batch * (prompt_tokens or context)
             k = min(active_experts(cfg), cfg.moe_experts)
             distinct = cfg.moe_experts * (1 - (1 - k / cfg.moe_experts) ** tokens)
-            parts["offload_prefill"] = int(max(0.0, 2 * distinct - kept) * counts.per_expert * p_bytes)
+            expert_bytes = weight_bytes(counts.per_expert, 0, p_bytes, quant_bits, group_size)
+            parts["offload_prefill"] = int(max(0.0, 2 * distinct - kept) * expert_bytes)
     else:
         parts["weights"] = counts.total * p_bytes
         parts["gradients"] = counts.total * p_bytes
@@ -230,7 +253,8 @@ def plan(cfg: ModelConfig, *, mode: str = "train", batch: int = 1, context: int 
             "assumptions": {"batch": batch, "context": context, "param_dtype": param_dtype,
                             "optimizer": optimizer, "optimizer_state_dtype": state_dtype,
                             "expert_state_fraction": expert_state_fraction,
-                            "resident_experts": resident_experts, "memory_gib": memory_gib,
+                            "resident_experts": resident_experts, "quant_bits": quant_bits,
+                            "group_size": group_size if quant_bits else None, "memory_gib": memory_gib,
                             "usable_fraction": usable_fraction, "limit_source": limit_source}}
 
 
@@ -238,7 +262,8 @@ def format_plan(result: dict, title: str) -> str:
     """The plan as an aligned text table."""
     gib = lambda n: f"{n / GIB:9.2f} GiB"  # noqa: E731
     p, a = result["params"], result["assumptions"]
-    lines = [f"{title} ({result['mode']}: batch {a['batch']}, context {a['context']}, weights {a['param_dtype']}"
+    weights = f"{a['quant_bits']}-bit, group size {a['group_size']}" if a.get("quant_bits") else a["param_dtype"]
+    lines = [f"{title} ({result['mode']}: batch {a['batch']}, context {a['context']}, weights {weights}"
              + (f", {a['optimizer']} state {a['optimizer_state_dtype']}" if result["mode"] == "train" else "")
              + (f", {a['resident_experts']} resident experts/layer" if a["resident_experts"] else "") + ")",
              f"  parameters        {p['total']:>15,} total   {p['active']:>15,} active per token"]

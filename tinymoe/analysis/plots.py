@@ -56,13 +56,14 @@ def load_heatmap(layers: list[dict], path) -> Path:
     loads = [layer["load"] for layer in layers]
     E = max(len(row) for row in loads)
     fig, ax = plt.subplots(figsize=(1.2 + 0.45 * E, 0.9 + 0.45 * len(loads)))
-    im = ax.imshow(loads, cmap="viridis", vmin=0, aspect="auto")
+    percent = [[100 * v for v in row] for row in loads]  # cells and colour bar in the same unit
+    im = ax.imshow(percent, cmap="viridis", vmin=0, aspect="auto")
     _annotate(ax, loads)
     ax.set_xticks(range(E))
     ax.set_yticks(range(len(loads)), [f"layer {layer['layer']}" for layer in layers])
     ax.set_xlabel("expert")
     ax.set_title("expert load (% of routed slots)", fontsize=10)
-    fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
+    fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02).set_label("%", fontsize=8)
     return _save(fig, path)
 
 
@@ -151,9 +152,12 @@ def curves(records: list[dict]) -> dict:
     return out
 
 
-def training_curves(records: list[dict], path, moe_layers: list[int] | None = None) -> Path:
+def training_curves(records: list[dict], path, moe_layers: list[int] | None = None,
+                    loss_weights: dict | None = None) -> Path:
     """A 2x2 figure: train and validation loss; router losses; per-MoE-layer load CV; lr.
-    `moe_layers` (block indices) names the load-CV lines like `inspect` does."""
+    `moe_layers` (block indices) names the load-CV lines like `inspect` does. `loss_weights`
+    (router loss name -> its weight in the training loss): a loss of weight 0 is logged but
+    trained on by nobody, so it is left out, and the others say their weight."""
     plt = require_matplotlib()
     series = curves(records)
     fig, axes = plt.subplots(2, 2, figsize=(10, 6.5))
@@ -164,8 +168,11 @@ def training_curves(records: list[dict], path, moe_layers: list[int] | None = No
     ax.set_title("loss (nats/token)", fontsize=10)
     ax = axes[0][1]
     aux = sorted(k for k in series if k.endswith("_loss") and k not in ("loss", "val_loss"))
+    weights = loss_weights or {}
     for name in aux:
-        ax.plot(*series[name], label=name)
+        if weights.get(name, 1.0) == 0:
+            continue
+        ax.plot(*series[name], label=f"{name} (x{weights[name]:g})" if name in weights else name)
     ax.set_title("router losses (summed over MoE layers)", fontsize=10)
     ax = axes[1][0]
     # The log stores one load per MoE layer, in order; without the block indices, count MoE layers.

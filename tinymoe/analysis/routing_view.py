@@ -116,6 +116,16 @@ def first_choice(rec: dict, column: int) -> int | None:
     return experts[column][0] if experts and experts[column] else None
 
 
+def _marked(text: str, mark: str) -> str:
+    """`text` with its expert mark before any trailing newlines, so the mark stays on the token's
+    own line; a newline with nothing before it shows as ↵ (else its mark would run into the
+    previous token's: "a₂₃")."""
+    body = text.rstrip("\n")
+    if not mark or body == text:
+        return text + mark
+    return (body or "↵") + mark + text[len(body):]
+
+
 def render_text(records: list[dict], column: int, color: bool) -> str:
     """The text with each token coloured (or subscripted) by its first-choice expert."""
     parts = []
@@ -126,7 +136,7 @@ def render_text(records: list[dict], column: int, color: bool) -> str:
         else:
             # A token inside a UTF-8 character adds no text, so it gets no mark either.
             mark = "" if e is None or not rec["text"] else str(e).translate(SUBSCRIPT)
-            parts.append(rec["text"] + mark)
+            parts.append(_marked(rec["text"], mark))
     return "".join(parts)
 
 

@@ -1,4 +1,7 @@
-"""Train/validation split of a token stream, the resumable batch sampler, evaluation windows."""
+"""Train/validation split of a token stream, the resumable batch samplers, evaluation windows.
+
+A target mask (tinymoe.data.tokens) travels with the tokens: the split cuts it at the same places,
+and the samplers and `eval_batches` return the mask of each window's targets next to them."""
 
 from __future__ import annotations
 
@@ -10,14 +13,13 @@ from tinymoe.errors import TinyMoeError
 
 def _take(data: TokenData, pieces: list[tuple[int, int]]) -> TokenData:
     if not pieces:
-        return TokenData(
-            np.empty(0, dtype=data.tokens.dtype),
-            np.empty(0, dtype=np.uint8),
-            list(data.domain_names),
-        )
+        empty = np.empty(0, dtype=np.uint8)
+        return TokenData(np.empty(0, dtype=data.tokens.dtype), empty, list(data.domain_names),
+                         None if data.target_mask is None else empty)
     tokens = np.concatenate([data.tokens[a:b] for a, b in pieces])
     domain_ids = np.concatenate([data.domain_ids[a:b] for a, b in pieces])
-    return TokenData(tokens, domain_ids, list(data.domain_names))
+    mask = None if data.target_mask is None else np.concatenate([data.target_mask[a:b] for a, b in pieces])
+    return TokenData(tokens, domain_ids, list(data.domain_names), mask)
 
 
 def split_train_val(
@@ -56,13 +58,18 @@ def _check_window(n_tokens: int, context: int) -> None:
 
 
 class BatchSampler:
-    """Random (B, L+1) windows from a token stream, resumable."""
+    """Random (B, L+1) windows from a token stream, resumable. With a target `mask` (N,), each
+    batch is (inputs, targets, target mask (B, L)), else (inputs, targets). With a `teacher`
+    cache (tinymoe.data.teacher_cache) over the same stream, each batch is (inputs, targets,
+    target mask or ones, teacher ids, log-probabilities, rest), the teacher's predictions read at
+    the inputs' stream positions (the prediction at p is for the token at p + 1, the target)."""
 
-    def __init__(self, tokens: np.ndarray, batch_size: int, context: int, seed: int):
+    def __init__(self, tokens: np.ndarray, batch_size: int, context: int, seed: int, mask: np.ndarray | None = None,
+                 teacher=None):
         if batch_size < 1 or context < 1:
             raise TinyMoeError(f"batch_size {batch_size} and context {context} must both be >= 1")
         _check_window(int(tokens.shape[0]), context)
-        self.tokens = tokens
+        self.tokens, self.mask, self.teacher = tokens, mask, teacher
         self.batch_size = batch_size
         self.context = context
         self.seed = int(seed)
@@ -76,6 +83,12 @@ class BatchSampler:
         index = starts[:, None] + self._offsets  # (B, L+1)
         windows = np.asarray(self.tokens[index], dtype=np.int32)  # (B, L+1)
         self.batches_drawn += 1
+        if self.teacher is not None:
+            mask = (np.asarray(self.mask[index[:, 1:]], dtype=np.float32) if self.mask is not None
+                    else np.ones((self.batch_size, self.context), dtype=np.float32))
+            return (windows[:, :-1], windows[:, 1:], mask, *self.teacher.gather(index[:, :-1]))
+        if self.mask is not None:
+            return windows[:, :-1], windows[:, 1:], np.asarray(self.mask[index[:, 1:]], dtype=np.float32)
         return windows[:, :-1], windows[:, 1:]  # inputs (B, L), targets (B, L)
 
     def state(self) -> dict:
@@ -99,8 +112,38 @@ class BatchSampler:
             raise TinyMoeError(f"sampler state is malformed: {exc!r}") from exc
 
 
-def eval_batches(tokens: np.ndarray, batch_size: int, context: int, max_batches: int | None = None):
-    """Yield (inputs, targets) over non-overlapping windows that cover the stream once.
+class MixSampler(BatchSampler):
+    """Random (B, L+1) windows from several streams: each row picks its stream with probability
+    `weights` (a sampling mix), then a window of it. Always returns (inputs, targets, mask)."""
+
+    def __init__(self, streams: list[tuple[np.ndarray, np.ndarray]], weights: list[float], batch_size: int,
+                 context: int, seed: int):
+        if len(streams) != len(weights) or not streams:
+            raise TinyMoeError(f"{len(weights)} weights for {len(streams)} data streams")
+        for tokens, _ in streams:
+            _check_window(int(tokens.shape[0]), context)
+        super().__init__(streams[0][0], batch_size, context, seed)
+        self.streams = streams
+        self.weights = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
+        self.n_starts = np.asarray([int(t.shape[0]) - context for t, _ in streams], dtype=np.int64)
+
+    def next_batch(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        which = self._rng.choice(len(self.streams), size=self.batch_size, p=self.weights)  # (B,)
+        starts = self._rng.integers(0, self.n_starts[which])  # (B,) one bound per row
+        windows = np.empty((self.batch_size, self.context + 1), dtype=np.int32)  # (B, L+1)
+        masks = np.empty((self.batch_size, self.context), dtype=np.float32)  # (B, L)
+        for row, (s, start) in enumerate(zip(which, starts)):
+            tokens, mask = self.streams[s]
+            windows[row] = tokens[start:start + self.context + 1]
+            masks[row] = mask[start + 1:start + self.context + 1]
+        self.batches_drawn += 1
+        return windows[:, :-1], windows[:, 1:], masks
+
+
+def eval_batches(tokens: np.ndarray, batch_size: int, context: int, max_batches: int | None = None,
+                 mask: np.ndarray | None = None):
+    """Yield (inputs, targets) over non-overlapping windows that cover the stream once, and the
+    targets' mask (b, L) as a third item when `mask` (N,) is given.
 
     Window i reads tokens[i*L : i*L + L + 1]; a final window shorter than that is dropped and the
     last batch may have fewer than batch_size rows. A stream shorter than one window (an empty
@@ -119,7 +162,11 @@ def eval_batches(tokens: np.ndarray, batch_size: int, context: int, max_batches:
         for batch in range(n_batches):
             first = batch * batch_size
             starts = np.arange(first, min(n_windows, first + batch_size), dtype=np.int64) * context
-            windows = np.asarray(tokens[starts[:, None] + offsets], dtype=np.int32)  # (b, L+1)
-            yield windows[:, :-1], windows[:, 1:]
+            index = starts[:, None] + offsets  # (b, L+1)
+            windows = np.asarray(tokens[index], dtype=np.int32)
+            if mask is not None:
+                yield windows[:, :-1], windows[:, 1:], np.asarray(mask[index[:, 1:]], dtype=np.float32)
+            else:
+                yield windows[:, :-1], windows[:, 1:]
 
     return generate()

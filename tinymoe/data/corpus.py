@@ -1,7 +1,8 @@
 """Corpus reading, tokenization with an on-disk cache, train/validation split, and batching.
 
 `read_documents` turns file, directory, glob and `DOMAIN=PATH` specs into `Document`s. Files ending
-in `.jsonl` hold one document per line (text in `text_field`, optional domain in `domain_field`);
+in `.jsonl` hold one document per line (text in `text_field`, optional domain in `domain_field`), or
+one instruction example (`prompt`/`completion` or chat `messages`, rendered by tinymoe.data.instruct);
 every other file is one text document. Directory specs are walked recursively in sorted order,
 skipping hidden entries and license files (`LICENSE*`, so a bundled license is never trained on);
 their files take the name of their first-level subdirectory as domain (`corpus/prose/x.txt` is
@@ -26,6 +27,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from tinymoe.data.instruct import is_instruction, render
 from tinymoe.errors import TinyMoeError
 from tinymoe.text_input import clean_text
 
@@ -41,6 +43,8 @@ class Document:
     text: str
     domain: str
     source: str
+    # An instruction example (tinymoe.data.instruct): its (text, is_target) pieces, joined = text.
+    segments: list | None = None
 
 
 def bundled_corpus_dir() -> Path:
@@ -143,9 +147,13 @@ def _read_jsonl(
         if not isinstance(record, dict):
             kind = type(record).__name__
             raise TinyMoeError(f"{path}:{line_no}: expected a JSON object, got {kind}")
-        if text_field not in record:
-            raise TinyMoeError(f"{path}:{line_no}: record has no '{text_field}' field")
-        if not isinstance(record[text_field], str):
+        segments = None
+        if text_field not in record and is_instruction(record):
+            segments = render(record, f"{path}:{line_no}")
+        elif text_field not in record:
+            raise TinyMoeError(f"{path}:{line_no}: record has no '{text_field}' field, nor 'prompt'/'completion' "
+                               f"or 'messages' (an instruction example)")
+        elif not isinstance(record[text_field], str):
             raise TinyMoeError(f"{path}:{line_no}: field '{text_field}' is not a string")
         record_domain = domain
         if not explicit and domain_field in record:
@@ -153,7 +161,8 @@ def _read_jsonl(
                 raise TinyMoeError(f"{path}:{line_no}: field '{domain_field}' must be a string")
             record_domain = record[domain_field]
         # A JSON "\ud800" escape is a lone surrogate, which no tokenizer can encode: U+FFFD instead.
-        documents.append(Document(clean_text(record[text_field]), clean_text(record_domain), f"{path}:{line_no}"))
+        text = "".join(t for t, _ in segments) if segments else clean_text(record[text_field])
+        documents.append(Document(text, clean_text(record_domain), f"{path}:{line_no}", segments))
     return documents
 
 

@@ -24,7 +24,8 @@ def absolute_spec(spec: str) -> str:
     return f"{tag}={path}" if tag is not None else path
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -37,7 +38,7 @@ def data_record(specs: list[str]) -> list[dict]:
     record = []
     for path, _, _ in expand_specs(specs):
         try:
-            record.append({"path": str(Path(path).resolve()), "bytes": path.stat().st_size, "sha256": _sha256(path)})
+            record.append({"path": str(Path(path).resolve()), "bytes": path.stat().st_size, "sha256": file_sha256(path)})
         except OSError as exc:
             raise TinyMoeError(f"{path}: cannot read ({exc.strerror or exc})") from None
     return record

@@ -12,6 +12,9 @@ order, so the dispatch plan (tokens sorted by expert) groups exactly the same to
 order, and every expert computes on the same bytes. tests/test_memory.py checks the
 tokens. The router losses are computed inside the real router from the real ids.
 
+Quantized experts are served the same way: an expert is the slice [e] of its packed weights,
+scales and biases (all tensors named `<layer>.moe.experts.*`), copied out of the map together.
+
 Refused for expert-choice routing and for an eval-mode expert capacity: both depend on the
 number of experts in the layer, which the renumbered stack changes.
 
@@ -31,30 +34,31 @@ import numpy as np
 
 from tinymoe.errors import TinyMoeError
 
-PROJECTIONS = ("w_gate", "w_up", "w_down")
-
-
 class ExpertCache:
-    """Least-recently-used experts of one MoE layer: id -> (w_gate, w_up, w_down)."""
+    """Least-recently-used experts of one MoE layer: id -> its slice of every expert tensor
+    (w_gate, w_up, w_down; for quantized experts also their scales and biases)."""
 
     def __init__(self, mapped, prefix: str, capacity: int):
         self.mapped, self.prefix, self.capacity = mapped, prefix, capacity
         self.resident: OrderedDict[int, tuple] = OrderedDict()
         self.hits = self.misses = 0
         self.num_experts = mapped.num_experts(f"{prefix}.w_gate")
+        # Attribute names on the experts module, in the file's order.
+        self.tensors = [n[len(prefix) + 1:] for n in mapped.names() if n.startswith(prefix + ".")]
 
-    def stack(self, ids: list[int]) -> tuple:
-        """Stacked (len(ids), ...) weights of experts `ids` (sorted), loading missing ones."""
+    def stack(self, ids: list[int]) -> dict:
+        """Attribute name -> stacked (len(ids), ...) tensor of experts `ids` (sorted), loading
+        missing ones."""
         for e in ids:
             if e in self.resident:
                 self.hits += 1
                 self.resident.move_to_end(e)
             else:
                 self.misses += 1
-                weights = tuple(self.mapped.expert(f"{self.prefix}.{p}", e) for p in PROJECTIONS)
+                weights = tuple(self.mapped.expert(f"{self.prefix}.{t}", e) for t in self.tensors)
                 mx.eval(weights)
                 self.resident[e] = weights
-        stacked = tuple(mx.stack([self.resident[e][i] for e in ids]) for i in range(len(PROJECTIONS)))
+        stacked = {t: mx.stack([self.resident[e][i] for e in ids]) for i, t in enumerate(self.tensors)}
         while len(self.resident) > self.capacity:  # the stack above keeps this call's experts alive
             self.resident.popitem(last=False)
         return stacked
@@ -70,12 +74,12 @@ class OffloadRouter(nn.Module):
         object.__setattr__(self, "_experts", experts)
         object.__setattr__(self, "_cache", cache)
 
-    def __call__(self, x):
-        out = self.inner(x)
+    def __call__(self, x, lean: bool = False):
+        out = self.inner(x, lean=lean)
         indices = out.indices
         ids = sorted(set(np.array(indices).reshape(-1).tolist()))  # host sync: loading is data-dependent
-        w_gate, w_up, w_down = self._cache.stack(ids)
-        self._experts.w_gate, self._experts.w_up, self._experts.w_down = w_gate, w_up, w_down
+        for name, stacked in self._cache.stack(ids).items():
+            setattr(self._experts, name, stacked)
         table = np.zeros(self._cache.num_experts, dtype=np.uint32)
         table[ids] = np.arange(len(ids), dtype=np.uint32)  # monotonic: keeps the experts' order
         renumbered = mx.array(table)[indices].astype(indices.dtype)
@@ -105,8 +109,8 @@ def load_model_offloaded(path, resident_experts: int, dispatch: str = "auto", ve
         prefix = f"blocks.{i}.moe.experts"
         cache = ExpertCache(mapped, prefix, resident_experts)
         # Drop the lazy initialisers so nothing can ever evaluate a full-size expert stack.
-        for p in PROJECTIONS:
-            setattr(moe.experts, p, mx.zeros((0,)))
+        for name in cache.tensors:
+            setattr(moe.experts, name, mx.zeros((0,)))
         moe.router = OffloadRouter(moe.router, moe.experts, cache)
         caches[i] = cache
     return model, manifest, tokenizer, ckpt, caches

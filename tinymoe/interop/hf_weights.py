@@ -18,6 +18,9 @@ ERNIE's and GLM's `shared_experts` as they are, and Qwen2-MoE's sigmoid-gated `s
 with a zero gate weight (sigmoid(0) = 1/2 exactly) and `down_proj` doubled (exact in floating
 point); an import halves it back.
 
+Quantized weights (mlx-lm's layout: `.weight`, `.scales`, `.biases`) go through every step as
+one value each (tinymoe.interop.hf_quant), so the mapping below is written once for both.
+
 Shapes: D model width, H FFN hidden width, E experts, Dh head width.
 """
 
@@ -30,6 +33,7 @@ import numpy as np
 
 from tinymoe.config import ModelConfig
 from tinymoe.errors import TinyMoeError
+from tinymoe.interop import hf_quant
 from tinymoe.interop.hf_config import ALWAYS_UNTIED, QWEN2_MOE_SHARED_HIDDEN
 
 # Per MoE architecture: the FFN module name, the router name, HF names of (w_gate, w_up, w_down).
@@ -104,30 +108,31 @@ def to_hf(cfg: ModelConfig, weights: dict, arch: str) -> dict:
     import mlx.core as mx
 
     out = {}
+    weights = hf_quant.group(weights)
     router = getattr(cfg, "router", "topk")
     for ours, theirs in name_map(cfg, arch).items():
         w = weights[ours]
         if arch == "ernie4_5_moe" and _is_rope_proj(ours):
-            w = _permute_heads(w, cfg.head_dim, rope_permutation(cfg.head_dim))
+            w = hf_quant.apply(w, lambda a: _permute_heads(a, cfg.head_dim, rope_permutation(cfg.head_dim)))
         if router == "smart" and ours.endswith(".moe.router.weight"):
             w = w.astype(mx.float32) / _temperature(weights[ours.replace(".weight", ".log_temperature")])
         out[theirs] = w
     if arch in ALWAYS_UNTIED:  # mlx-lm always reads an lm_head; the head is the embedding when tied
         out["lm_head.weight"] = weights["lm_head.weight" if not cfg.tie_embeddings else "embed.weight"]
-    D, dt = cfg.d_model, weights["embed.weight"].dtype  # padding tensors follow the model dtype
+    D, dt = cfg.d_model, weights["norm.weight"].dtype  # padding tensors follow the model dtype (norms: never packed)
     for i in range(cfg.n_layers):
         h = f"model.layers.{i}"
         if arch == "qwen2_moe":
             for p in ("q_proj", "k_proj", "v_proj"):  # qkv_bias is always on in mlx-lm
                 if f"{h}.self_attn.{p}.bias" not in out:
-                    rows = out[f"{h}.self_attn.{p}.weight"].shape[0]
+                    rows = hf_quant.rows(out[f"{h}.self_attn.{p}.weight"])
                     out[f"{h}.self_attn.{p}.bias"] = mx.zeros((rows,), dt)
         if not cfg.layer_is_moe(i):
             continue
         for ours, per_expert in expert_names(arch, i, cfg.moe_experts).items():
             stacked = weights[ours]  # (E, H, D) or (E, D, H)
             for e, theirs in enumerate(per_expert):
-                out[theirs] = stacked[e]
+                out[theirs] = hf_quant.index(stacked, e)
         shared = getattr(cfg, "shared_experts", 0)
         if arch == "qwen2_moe":
             out[f"{h}.mlp.shared_expert_gate.weight"] = mx.zeros((1, D), dt)  # gate = 1/2
@@ -135,7 +140,7 @@ def to_hf(cfg: ModelConfig, weights: dict, arch: str) -> dict:
                 t = f"blocks.{i}.moe.shared"
                 out[f"{h}.mlp.shared_expert.gate_proj.weight"] = weights[f"{t}.w_gate.weight"]
                 out[f"{h}.mlp.shared_expert.up_proj.weight"] = weights[f"{t}.w_up.weight"]
-                out[f"{h}.mlp.shared_expert.down_proj.weight"] = weights[f"{t}.w_down.weight"] * 2
+                out[f"{h}.mlp.shared_expert.down_proj.weight"] = hf_quant.scale(weights[f"{t}.w_down.weight"], 2)
             else:
                 s = QWEN2_MOE_SHARED_HIDDEN
                 out[f"{h}.mlp.shared_expert.gate_proj.weight"] = mx.zeros((s, D), dt)
@@ -148,7 +153,7 @@ def to_hf(cfg: ModelConfig, weights: dict, arch: str) -> dict:
                 H = cfg.expert_d_ff
                 for p, shape in (("gate_proj", (H, D)), ("up_proj", (H, D)), ("down_proj", (D, H))):
                     out[f"{h}.mlp.shared_experts.{p}.weight"] = mx.zeros(shape, dt)
-    return out
+    return hf_quant.hf_ungroup(out)
 
 
 def _temperature(log_t):
@@ -160,25 +165,45 @@ def _temperature(log_t):
     return mx.exp(mx.clip(log_t.astype(mx.float32), *LOG_TEMPERATURE_RANGE))
 
 
+_QUANT: dict = {"group_size": None, "bits": None}  # of the directory being read (one at a time)
+
+
 def _all_zero(a) -> bool:
     import mlx.core as mx
 
+    a = hf_quant.dequantized(a, _QUANT["group_size"], _QUANT["bits"])
     return not bool(mx.any(a != 0).item())
 
 
-def from_hf(cfg: ModelConfig, hf: dict, arch: str, where: str) -> tuple[ModelConfig, dict]:
+def _equal(a, b) -> bool:
+    import mlx.core as mx
+
+    if isinstance(a, hf_quant.Packed) != isinstance(b, hf_quant.Packed):
+        return False
+    pairs = zip(a, b) if isinstance(a, hf_quant.Packed) else [(a, b)]
+    return all(x.shape == y.shape and mx.array_equal(x, y).item() for x, y in pairs)
+
+
+def from_hf(cfg: ModelConfig, hf: dict, arch: str, where: str, quant: tuple | None = None) -> tuple[ModelConfig, dict]:
     """HF tensors -> (config, tinymoe weights as float32). Extra parts that compute nothing
     (zero biases, zero shared experts, zero selection biases) are dropped; any other tensor this
-    mapping does not place is an error, so nothing is silently ignored."""
+    mapping does not place is an error, so nothing is silently ignored. quant: (bits, group_size)
+    of a quantized directory (tinymoe.interop.hf_quant.settings); its packed weights stay packed
+    (uint32, with float32 scales and biases, under tinymoe's quantized names)."""
     import mlx.core as mx
 
     hf = dict(hf)
     hf = {k: v for k, v in hf.items() if not k.endswith("rotary_emb.inv_freq")}  # recomputed
+    if quant is not None:
+        hf = hf_quant.hf_group(hf)
+        _QUANT.update(bits=quant[0], group_size=quant[1])
+    else:
+        _QUANT.update(bits=None, group_size=None)
 
     def take(name: str):
         if name not in hf:
             raise TinyMoeError(f"{where}: tensor '{name}' is missing")
-        return hf.pop(name).astype(mx.float32)
+        return hf_quant.to_float32(hf.pop(name))
 
     if cfg.attn_bias:  # keep biases only when some are non-zero
         biases = [v for k, v in hf.items() if k.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias"))]
@@ -187,7 +212,7 @@ def from_hf(cfg: ModelConfig, hf: dict, arch: str, where: str) -> tuple[ModelCon
                 del hf[k]
             cfg.attn_bias = False
     if not cfg.tie_embeddings and "lm_head.weight" in hf and "model.embed_tokens.weight" in hf:
-        if mx.array_equal(hf["lm_head.weight"], hf["model.embed_tokens.weight"]).item():
+        if _equal(hf["lm_head.weight"], hf["model.embed_tokens.weight"]):
             cfg.tie_embeddings = True  # an exported tied model (see ALWAYS_UNTIED)
             del hf["lm_head.weight"]
     if cfg.tie_embeddings:
@@ -196,13 +221,13 @@ def from_hf(cfg: ModelConfig, hf: dict, arch: str, where: str) -> tuple[ModelCon
     for ours, theirs in name_map(cfg, arch).items():
         w = take(theirs)
         if arch == "ernie4_5_moe" and _is_rope_proj(ours):
-            w = _permute_heads(w, cfg.head_dim, np.argsort(rope_permutation(cfg.head_dim)))
+            w = hf_quant.apply(w, lambda a: _permute_heads(a, cfg.head_dim, np.argsort(rope_permutation(cfg.head_dim))))
         out[ours] = w
     for i in range(cfg.n_layers):
         if not cfg.layer_is_moe(i):
             continue
         for ours, per_expert in expert_names(arch, i, cfg.moe_experts).items():
-            out[ours] = mx.stack([take(n) for n in per_expert])
+            out[ours] = hf_quant.stack([take(n) for n in per_expert])
         if arch == "ernie4_5_moe":
             bias = hf.pop(f"model.layers.{i}.mlp.moe_statics.e_score_correction_bias", None)
             if bias is not None and not _all_zero(bias):
@@ -211,7 +236,7 @@ def from_hf(cfg: ModelConfig, hf: dict, arch: str, where: str) -> tuple[ModelCon
     if hf:
         extra = sorted(hf)
         raise TinyMoeError(f"{where}: {len(extra)} tensor(s) tinymoe has no place for, e.g. '{extra[0]}'")
-    return cfg, out
+    return cfg, out  # quantized weights still grouped: check_shapes, then hf_quant.ungroup
 
 
 def _shared_tensors(hf: dict, layer: int, arch: str) -> dict:
@@ -242,7 +267,8 @@ def _shared_from_hf(cfg: ModelConfig, hf: dict, arch: str, where: str) -> dict:
         cfg.shared_experts = 0
         return {}
     first = parts[layers[0]]
-    width = next(v for k, v in first.items() if k.endswith("up_proj.weight")).shape[0]
+    width = hf_quant.logical_shape(next(v for k, v in first.items() if k.endswith("up_proj.weight")),
+                                   _QUANT["group_size"])[0]
     if width % cfg.expert_d_ff:
         raise TinyMoeError(f"{where}: shared expert width {width} is not a multiple of the expert width "
                            f"{cfg.expert_d_ff} (tinymoe's shared experts are N experts wide)")
@@ -257,8 +283,8 @@ def _shared_from_hf(cfg: ModelConfig, hf: dict, arch: str, where: str) -> dict:
             raise TinyMoeError(f"{where}: layer {i}'s shared expert has an input-dependent sigmoid gate; "
                                f"tinymoe's shared experts are ungated")
         for ours, theirs in _DENSE:
-            w = hf.pop(f"{h}.shared_expert.{theirs}.weight").astype(mx.float32)
-            out[f"blocks.{i}.moe.shared.{ours}.weight"] = w * 0.5 if ours == "w_down" else w  # sigmoid(0)
+            w = hf_quant.to_float32(hf.pop(f"{h}.shared_expert.{theirs}.weight"))
+            out[f"blocks.{i}.moe.shared.{ours}.weight"] = hf_quant.scale(w, 0.5) if ours == "w_down" else w  # sigmoid(0)
     return out
 
 
@@ -288,8 +314,9 @@ def read_safetensors_dir(directory: Path) -> dict:
     return tensors
 
 
-def check_shapes(cfg: ModelConfig, weights: dict, where: str) -> None:
-    """Every tensor a tinymoe Model of `cfg` expects is present with its shape, and no other."""
+def check_shapes(cfg: ModelConfig, weights: dict, where: str, group_size: int | None = None) -> None:
+    """Every tensor a tinymoe Model of `cfg` expects is present with its shape, and no other
+    (`weights` as from_hf returns them: a quantized weight grouped, at its float shape)."""
     from mlx.utils import tree_flatten
 
     from tinymoe.nn.model import Model
@@ -299,5 +326,6 @@ def check_shapes(cfg: ModelConfig, weights: dict, where: str) -> None:
     if missing or extra:
         raise TinyMoeError(f"{where}: weights do not fit the model ({'missing ' + missing[0] if missing else 'unexpected ' + extra[0]})")
     for k, shape in expected.items():
-        if tuple(weights[k].shape) != tuple(shape):
-            raise TinyMoeError(f"{where}: '{k}' has shape {tuple(weights[k].shape)}, the config implies {tuple(shape)}")
+        got = hf_quant.logical_shape(weights[k], group_size)
+        if got != tuple(shape):
+            raise TinyMoeError(f"{where}: '{k}' has shape {got}, the config implies {tuple(shape)}")

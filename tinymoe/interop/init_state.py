@@ -46,7 +46,10 @@ def load_init_state(path: str, model_over: dict):
     from tinymoe.io.loader import load_model
 
     fixed = sorted(k for k in model_over if k not in INIT_MAY_CHANGE)
-    model, _, tokenizer, ckpt = load_model(path)
+    from tinymoe.interop.quantize import refuse_quantized
+
+    model, manifest, tokenizer, ckpt = load_model(path)
+    refuse_quantized(manifest, ckpt, "trained (--init)")
     cfg = model.cfg
     changed = [k for k in fixed if model_over[k] != getattr(cfg, k)]
     if changed:

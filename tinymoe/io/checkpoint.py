@@ -26,9 +26,11 @@ are the per-file parts of those checks, which tinymoe.io.reader runs at most onc
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -36,8 +38,8 @@ from tinymoe.io import safetensors_io
 from tinymoe.errors import CheckpointError
 from tinymoe.jsonutil import dumps
 from tinymoe.io.finite import nonfinite_arrays
-from tinymoe.io.folders import fsync_dir, pid_alive, swap_into_place
-from tinymoe.io.manifest import FILES, FORMAT_NAME, FORMAT_VERSION, entries_in, read_manifest  # noqa: F401
+from tinymoe.io.folders import LOCK_FILE, fsync_dir, pid_alive, read_marker, swap_into_place
+from tinymoe.io.manifest import FILES, FORMAT_NAME, FORMAT_VERSION, entries_in, read_manifest, version_for  # noqa: F401
 
 _STEP_NAME = re.compile(r"step-(\d+)")
 # Hidden leftovers: .step-N.tmp-PID (being written), .old-PID (replaced), .del-PID (being deleted).
@@ -138,7 +140,7 @@ def _write_checkpoint(tmp: Path, step: int, weights: dict, optimizer_state: dict
     if tok_file:
         tokenizer.save(tmp / tok_file)
         files[tok_file] = _file_entry(tmp / tok_file)
-    full = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **manifest, "step": step,
+    full = {"format": FORMAT_NAME, "version": version_for(manifest), **manifest, "step": step,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files, "tensors": tensors}
     # The manifest goes last: its presence marks the directory as complete.
     _write_bytes_atomic(tmp / "manifest.json", dumps(full, indent=1).encode())
@@ -228,7 +230,23 @@ def resolve(path: str | Path) -> Path:
                     found.append((_step_of(m.group(1) if m else c.name), not visible, c))
     if found:
         return max(found)[2]
+    marker = read_marker(p) if p.is_dir() else None
+    if marker is not None and marker.get("kind") == "run":
+        if _training_now(p):
+            raise CheckpointError(f"{p}: this run is training and has not saved its first checkpoint yet")
+        raise CheckpointError(f"{p}: a run that stopped before its first checkpoint (none to load or resume); "
+                              f"start it again with the same train command plus --overwrite")
     raise CheckpointError(f"{p}: not a tinymoe checkpoint (no manifest.json) nor a run with checkpoints")
+
+
+def _training_now(run_dir: Path) -> bool:
+    """Whether the run's lock record names a live process on this host (the trainer holds it
+    while running and empties it when it stops)."""
+    try:
+        record = json.loads((run_dir / LOCK_FILE).read_text() or "{}")
+        return record.get("host") == socket.gethostname() and pid_alive(int(record["pid"]))
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return False
 
 
 # ----------------------------------------------------------------------------- loading

@@ -30,7 +30,8 @@ from pathlib import Path
 from tinymoe.errors import TinyMoeError
 
 MARKER = "tinymoe.json"
-KINDS = ("run", "export")
+LOCK_FILE = "train.lock"  # a run's writer lock (tinymoe.run.lock), named here for the readers in io
+KINDS = ("run", "export", "teacher-cache")
 MARKER_FORMAT = 1
 # Hidden siblings: .NAME.tmp-PID (being written), .old-PID (moved aside), .del-PID (being deleted).
 _LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<what>tmp|old|del)-(?P<pid>\d+)")
@@ -109,9 +110,34 @@ def check_output(out: Path, kind: str, overwrite: bool, source: str | Path | Non
         verb = "refusing to replace it" if overwrite else "choose another --out"
         raise TinyMoeError(f"{out} already exists and is not empty: it is {what}; {verb}")
     if not overwrite:
+        if resume_hint and kind == "run" and not has_checkpoints(out):
+            raise TinyMoeError(f"{out} already exists: it holds a run that stopped before its first checkpoint "
+                               f"(nothing to resume); use --overwrite to start it again")
+        if resume_hint and kind == "run" and _finished(out, marker):
+            raise TinyMoeError(f"{out} already exists: it holds a finished run; use --resume {out} --extend-steps N "
+                               f"to train it longer or --overwrite to replace it")
         hint = f"use --resume {out} to continue it or " if resume_hint else "use "
         raise TinyMoeError(f"{out} already exists and is not empty; {hint}--overwrite to replace it")
     return True
+
+
+def _finished(run_dir: Path, marker: dict) -> bool:
+    """Whether the run's latest checkpoint is at its planned last step (then plain --resume has
+    nothing to do)."""
+    try:
+        name = (Path(run_dir) / "latest").read_text().strip()
+        return int(name.split("-", 1)[1]) >= int(marker.get("steps") or 0) > 0
+    except (OSError, UnicodeDecodeError, IndexError, ValueError, TypeError):
+        return False
+
+
+def has_checkpoints(run_dir: Path) -> bool:
+    """Whether a run folder holds any checkpoint (complete or being replaced)."""
+    root = Path(run_dir) / "checkpoints"
+    try:
+        return (Path(run_dir) / "latest").is_file() or any(root.iterdir())
+    except OSError:
+        return False
 
 
 def remove_marked(out: Path, kind: str) -> None:

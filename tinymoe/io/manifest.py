@@ -19,7 +19,19 @@ from tinymoe.errors import CheckpointError
 from tinymoe.io.safetensors_io import ITEM_BYTES, MAX_RANK
 
 FORMAT_NAME = "tinymoe-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version this code reads
+# Version 2 adds quantized weights (a `quantization` record). Float checkpoints are still written
+# as version 1, which every tinymoe reads; a quantized one is version 2, so a tinymoe that
+# predates quantization says "upgrade" instead of failing on packed integer weights.
+QUANTIZED_VERSION = 2
+# Settings `tinymoe quantize` writes (tinymoe.nn.quantized: BITS, GROUP_SIZES), checked here
+# without importing MLX.
+QUANT_BITS, QUANT_GROUP_SIZES = (4, 8), (32, 64, 128)
+
+
+def version_for(manifest: dict) -> int:
+    """The format version a checkpoint with this manifest is written as."""
+    return QUANTIZED_VERSION if "quantization" in manifest else 1
 FILES = ("model.safetensors", "experts.safetensors", "optimizer.safetensors")
 MAX_MANIFEST_BYTES = 64 * 2**20  # a real manifest is well under 1 MiB even for large models
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -68,7 +80,29 @@ def structure_problem(manifest) -> str | None:
         if not isinstance(manifest[key], dict):
             return f"'{key}' must be an object"
     return _tokenizer_problem(manifest["tokenizer"]) or _files_problem(manifest["files"]) \
-        or _tensors_problem(manifest["tensors"], manifest["files"])
+        or _tensors_problem(manifest["tensors"], manifest["files"]) or quantization_problem(manifest)
+
+
+def quantization_problem(manifest: dict) -> str | None:
+    """The optional `quantization` record: {mode, bits, group_size, modules, keep_float}."""
+    if "quantization" not in manifest:
+        return None
+    q = manifest["quantization"]
+    if manifest["version"] < QUANTIZED_VERSION:
+        return f"'quantization' needs format version {QUANTIZED_VERSION}, the manifest says {manifest['version']}"
+    if not isinstance(q, dict):
+        return "'quantization' must be an object"
+    if q.get("mode") != "affine":
+        return f"quantization mode {q.get('mode')!r} is not 'affine'"
+    if q.get("bits") not in QUANT_BITS or isinstance(q.get("bits"), bool):
+        return f"quantization 'bits' {q.get('bits')!r} is not one of {QUANT_BITS}"
+    if q.get("group_size") not in QUANT_GROUP_SIZES or isinstance(q.get("group_size"), bool):
+        return f"quantization 'group_size' {q.get('group_size')!r} is not one of {QUANT_GROUP_SIZES}"
+    for key in ("modules", "keep_float"):
+        value = q.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            return f"quantization '{key}' must be a list of strings"
+    return None
 
 
 def _tokenizer_problem(tok: dict) -> str | None:

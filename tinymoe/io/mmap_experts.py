@@ -34,8 +34,9 @@ from tinymoe.io import checkpoint
 from tinymoe.errors import CheckpointError
 
 EXPERTS_FILE = "experts.safetensors"
-# Raw-byte numpy dtype per MLX dtype name: bfloat16 travels as its 16-bit patterns.
-_NP_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+# Raw-byte numpy dtype per MLX dtype name: bfloat16 travels as its 16-bit patterns; uint32 is
+# a quantized checkpoint's packed weights (their scales and biases are float).
+_NP_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16, "uint32": np.uint32}
 
 
 class MappedExperts:
@@ -58,7 +59,8 @@ class MappedExperts:
         self.dtypes = {name: e["dtype"] for name, e in index.items()}
         for name, dtype in self.dtypes.items():
             if dtype not in _NP_DTYPES:
-                raise CheckpointError(f"{path}: tensor '{name}' has dtype {dtype}; experts must be floating point")
+                raise CheckpointError(f"{path}: tensor '{name}' has dtype {dtype}; experts must be floating point "
+                                      f"(or uint32 packed weights)")
         listed = {e["name"]: e for _, e in checkpoint.entries_in(manifest, EXPERTS_FILE)}
         self._sha256 = {n: listed[n]["sha256"] for n in index} if verify else {}
         self._slice_sha256 = {n: listed[n].get("slice_sha256") for n in index} if verify else {}

@@ -54,6 +54,7 @@ class CheckpointReader:
     def __init__(self, path: str | Path, dispatch: str = "dense"):
         self.ckpt = checkpoint.resolve(path)
         self.manifest = checkpoint.read_manifest(self.ckpt)
+        self.dispatch, self.base_path = dispatch, None  # base_path: where a fine-tune's base is, if moved
         self.where = f"{self.ckpt}/manifest.json"
         self.cfg, self.model, self._index = None, None, []
         try:
@@ -95,11 +96,19 @@ class CheckpointReader:
         return problems
 
     def dtype_problems(self) -> list[str]:
-        """Weights the model cannot compute with (an int8 weight would crash the first matmul)."""
-        return [f"{self.ckpt / e['file']}: weight '{e['name']}' has dtype {e['dtype']}; "
-                f"weights must be one of {', '.join(FLOAT_DTYPES)}"
-                for f in WEIGHT_FILES for _, e in checkpoint.entries_in(self.manifest, f)
-                if e["dtype"] not in FLOAT_DTYPES]
+        """Weights the model cannot compute with (an int8 weight would crash the first matmul);
+        the packed weights of a quantized checkpoint must be uint32, everything else float."""
+        packed = packed_names(self.model)
+        problems = []
+        for f in WEIGHT_FILES:
+            for _, e in checkpoint.entries_in(self.manifest, f):
+                if e["name"] in packed and e["dtype"] != "uint32":
+                    problems.append(f"{self.ckpt / f}: quantized weight '{e['name']}' has dtype {e['dtype']}; "
+                                    f"packed weights must be uint32")
+                elif e["name"] not in packed and e["dtype"] not in FLOAT_DTYPES:
+                    problems.append(f"{self.ckpt / f}: weight '{e['name']}' has dtype {e['dtype']}; "
+                                    f"weights must be one of {', '.join(FLOAT_DTYPES)}")
+        return problems
 
     def train_config(self) -> tuple[TrainConfig | None, list[str]]:
         """(the saved train config or None for a weights-only checkpoint, its problems)."""
@@ -119,8 +128,8 @@ class CheckpointReader:
         from tinymoe.optim.state_spec import state_problems
 
         train, problems = self.train_config()
-        if train is None or self.model is None:
-            return problems
+        if train is None or self.model is None or "quantization" in self.manifest:
+            return problems  # weights only, or quantized (nothing to train): no optimizer state
         # The model's own shapes (MLX has not allocated them): a manifest that disagrees with the
         # config is reported by index_problems, and the state must fit the model either way.
         weights = {k: list(v.shape) for k, v in tree_flatten(self.model.parameters())}
@@ -153,6 +162,11 @@ class CheckpointReader:
         found = self.file_problems(hashed=tuple(self.manifest["files"]))
         found += self.index_problems() + self.dtype_problems() + self.optimizer_problems()
         found += self.tokenizer_problems() + self.finite_problems()
+        if "finetune" in self.manifest and not found:
+            try:
+                self.base_weights()
+            except TinyMoeError as exc:
+                found.append(str(exc))
         return found
 
     def _require(self, problems: list[str]) -> None:
@@ -188,9 +202,36 @@ class CheckpointReader:
         hashed = tuple(f for f in self.manifest["files"] if f != OPTIMIZER_FILE) if verify_hashes else ()
         weights = self._read(WEIGHT_FILES, hashed)
         tokenizer = self.tokenizer()
+        if "finetune" in self.manifest:
+            weights = {**self.base_weights(verify_hashes), **weights}
         self.model.update(tree_unflatten(list(weights.items())))
         mx.eval(self.model.parameters())
         return self.model, self.manifest, tokenizer, self.ckpt
+
+    def base_weights(self, verify_hashes: bool = True) -> dict:
+        """A fine-tune's base weights (see `base_model`)."""
+        from mlx.utils import tree_flatten
+
+        return dict(tree_flatten(self.base_model(verify_hashes).parameters()))
+
+    def base_model(self, verify_hashes: bool = True):
+        """A fine-tune's base model, read from the base checkpoint its manifest names (or
+        `self.base_path` when set) after checking that it is the model the adapters were trained on."""
+        from tinymoe.io.base_ref import base_digest
+
+        ref = self.manifest["finetune"].get("base")
+        if not isinstance(ref, dict) or not isinstance(ref.get("path"), str) or not isinstance(ref.get("digest"), str):
+            raise CheckpointError(f"{self.where}: 'finetune' names no base checkpoint (path and digest)")
+        path = self.base_path or ref["path"]
+        try:
+            base = open_checkpoint(path, self.dispatch)
+        except TinyMoeError as exc:
+            raise CheckpointError(f"{self.ckpt}: cannot read the base model of these adapters: {exc}") from None
+        if "finetune" in base.manifest or base_digest(base.manifest) != ref["digest"]:
+            raise CheckpointError(f"{self.ckpt}: these adapters were trained on another base model than {base.ckpt} "
+                                  f"(digest {ref['digest'][:12]}, found {base_digest(base.manifest)[:12]}); "
+                                  f"give the checkpoint they were trained on")
+        return base.load_model(verify_hashes)[0]
 
     def load_non_experts(self, verify_hashes: bool = True) -> dict:
         """Load the non-expert weights into the model, leaving its expert parameters MLX's lazy
@@ -200,6 +241,9 @@ class CheckpointReader:
         import mlx.core as mx
         from mlx.utils import tree_unflatten
 
+        if "finetune" in self.manifest:
+            raise CheckpointError(f"{self.ckpt}: a fine-tuned checkpoint (adapters) cannot be memory-mapped; "
+                                  f"export it with --fuse, import that, and map the result")
         hashed = tuple(f for f in self.manifest["files"] if f not in (EXPERTS_FILE, OPTIMIZER_FILE)) \
             if verify_hashes else ()
         weights = self._read(("model.safetensors",), hashed)
@@ -213,6 +257,9 @@ class CheckpointReader:
         manifest, every file hashed, the optimizer state complete for the train config's
         optimizer, and no NaN or inf in weights or optimizer state."""
         m, where = self.manifest, self.where
+        if "quantization" in m:
+            raise CheckpointError(f"{where}: a quantized checkpoint cannot be trained; resume or --init "
+                                  f"from the float checkpoint it was quantized from")
         for key in ("train", "data"):
             if not isinstance(m.get(key), dict):
                 raise CheckpointError(f"{where}: missing '{key}' (not resumable)")
@@ -229,8 +276,21 @@ class CheckpointReader:
         if bad:
             raise CheckpointError(f"{checkpoint.first_problem(bad)} holds NaN or inf values; "
                                   f"resume from an earlier checkpoint")
+        if "finetune" in m:  # the frozen base under the trained adapters
+            weights = {**self.base_weights(), **weights}
         return {"manifest": m, "ckpt": self.ckpt, "weights": weights, "optimizer": optimizer,
                 "tokenizer": self.tokenizer()}
+
+
+def packed_names(model) -> set[str]:
+    """Names of the model's packed (uint32) quantized weights; empty for a float model."""
+    if model is None or model.__dict__.get("quantization") is None:
+        return set()
+    from mlx.utils import tree_flatten
+
+    import mlx.core as mx
+
+    return {k for k, v in tree_flatten(model.parameters()) if v.dtype == mx.uint32}
 
 
 def model_config_of(manifest: dict, ckpt: Path) -> ModelConfig:
@@ -267,7 +327,23 @@ def model_for_index(cfg: ModelConfig, manifest: dict, ckpt: Path, dispatch: str 
         model = Model(cfg, dispatch)
     except Exception as exc:  # a config that passed validate() but MLX still rejects
         return None, [f"{where}: cannot build the model this config describes ({exc})"]
+    if "quantization" in manifest:  # packed weights, scales and biases in place of the floats
+        from tinymoe.nn.quantize import apply_record
+
+        try:
+            apply_record(model, manifest["quantization"])
+        except TinyMoeError as exc:
+            return None, [f"{where}: {exc}"]
     expected = {k: list(v.shape) for k, v in tree_flatten(model.parameters())}
+    if "finetune" in manifest:  # adapters (and a trained router) only: the base is read from its own checkpoint
+        from tinymoe.nn.lora import apply_finetune, saved_names
+
+        try:
+            apply_finetune(model, manifest["finetune"])
+        except TinyMoeError as exc:
+            return None, [f"{where}: {exc}"]
+        saved = saved_names(model)
+        expected = {k: list(v.shape) for k, v in tree_flatten(model.parameters()) if k in saved}
     problems = []
     for name in sorted(set(expected) - set(index)):
         problems.append(f"{where}: weight '{name}' required by the model config is missing")

@@ -14,6 +14,15 @@ a contiguous segment of the sorted rows.
            lengths are read on the host, so a step using it cannot be `mx.compile`d.
   metal    the fused gather/combine kernels of tinymoe.nn.kernels + sorted gather_mm; on a machine
            without Metal the kernels fall back to their pure-MLX references.
+
+Quantized experts (tinymoe.nn.quantized) come as `QWeight`s instead of arrays: `gather` and
+`metal` then run `mx.gather_qmm`, `grouped` the faster of a quantized and a dequantized matmul per
+expert segment (forward only: quantized models are for inference), and `dense` dequantizes.
+
+`auto` picks a backend per call shape (tinymoe.nn.moe.DECODE_TOKENS): `grouped` reads its segment
+lengths on the host, which costs a synchronisation every decoded token and keeps MLX from
+computing one step while Python builds the next; at a few rows `gather` has nothing to sort and
+no host sync, and decodes about twice as fast (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -26,9 +35,13 @@ import mlx.nn as nn
 import numpy as np
 
 from tinymoe.names import DISPATCH_BACKENDS as BACKENDS  # noqa: F401 (named there for config and the CLI)
+from tinymoe.nn.quantized import QWeight, as_float, expert_matmul, gathered_matmul, num_experts
 
 # Backends whose graphs have no host synchronisation, so `mx.compile` can trace them.
 COMPILABLE = ("dense", "gather", "metal")
+# Below this many (token, slot) rows `gather` multiplies in routing order: sorting costs more
+# than the ordered weight reads it buys.
+SORT_MIN_ROWS = 64
 
 
 def resolve_backend(name: str) -> str:
@@ -50,6 +63,12 @@ def resolve_backend(name: str) -> str:
             return "metal"
         trust.warn_once(v, "--moe-dispatch auto uses gather instead")
     return "gather"  # CUDA backend (or untrusted kernels): gather_mm runs batched on the GPU
+
+
+def resolve_decode_backend(name: str, resolved: str) -> str:
+    """The backend for decode-sized calls: `auto` trades `grouped` (a host sync per call) for
+    `gather`; an explicit choice is kept."""
+    return "gather" if name == "auto" and resolved == "grouped" else resolved
 
 
 @dataclass
@@ -83,6 +102,7 @@ def _swiglu(gate: mx.array, up: mx.array) -> mx.array:
 
 def dense(x_TD, indices_TK, gates_TK, w_gate, w_up, w_down):
     """Reference: every expert on every token, then a gate-weighted sum over the chosen ones."""
+    w_gate, w_up, w_down = as_float(w_gate), as_float(w_up), as_float(w_down)
     E = w_gate.shape[0]
     h = _swiglu(x_TD @ w_gate.swapaxes(1, 2), x_TD @ w_up.swapaxes(1, 2))  # (E, T, H)
     y_ETD = h @ w_down.swapaxes(1, 2)  # (E, T, D)
@@ -91,15 +111,37 @@ def dense(x_TD, indices_TK, gates_TK, w_gate, w_up, w_down):
     return mx.sum(weight_TE.T[..., None] * y_ETD, axis=0)
 
 
+_PAIR_ROWS: dict = {}
+
+
+def pair_rows(T: int, K: int) -> tuple[mx.array, mx.array]:
+    """(token of each (token, slot) pair, the pair's own index), each (T, K) uint32: constants,
+    kept per shape. Handed to gather_mm as its left indices, they spare each call the index
+    arithmetic MLX would add to the graph (an arange, a reshape and a broadcast per matmul), which
+    a decoded token pays for at every layer."""
+    if (T, K) not in _PAIR_ROWS:
+        rows = (mx.broadcast_to(mx.arange(T, dtype=mx.uint32)[:, None], (T, K)) + 0,
+                mx.arange(T * K, dtype=mx.uint32).reshape(T, K))
+        mx.eval(rows)
+        _PAIR_ROWS[(T, K)] = rows
+    return _PAIR_ROWS[(T, K)]
+
+
 def gather(x_TD, indices_TK, gates_TK, w_gate, w_up, w_down):
-    plan = make_plan(indices_TK, w_gate.shape[0])
+    if indices_TK.size < SORT_MIN_ROWS:  # decoding: each token's K experts in routing order
+        token_of, pair = pair_rows(*indices_TK.shape)
+        xs = x_TD[:, None, :]  # (T, 1, D): row token_of[t, k] for pair (t, k)
+        mm = lambda a, w, rows: gathered_matmul(a, w, indices_TK, sorted_ids=False, rows=rows)
+        h = _swiglu(mm(xs, w_gate, token_of), mm(xs, w_up, token_of))  # (T, K, 1, H)
+        ys = mm(h, w_down, pair).squeeze(2)  # (T, K, D)
+        return mx.sum(ys * gates_TK[..., None].astype(ys.dtype), axis=1)
+    plan = make_plan(indices_TK, num_experts(w_gate))
     xs = x_TD[plan.token_of_row][:, None, :]  # (N, 1, D)
     return _combine_sorted(_gather_mm_experts(xs, plan, w_gate, w_up, w_down), plan, gates_TK)
 
 
 def _gather_mm_experts(xs_N1D, plan, w_gate, w_up, w_down):
-    eid = plan.expert_of_row
-    mm = lambda a, w: mx.gather_mm(a, w.swapaxes(1, 2), rhs_indices=eid, sorted_indices=True)
+    mm = lambda a, w: gathered_matmul(a, w, plan.expert_of_row, sorted_ids=True)
     h = _swiglu(mm(xs_N1D, w_gate), mm(xs_N1D, w_up))  # (N, 1, H)
     return mm(h, w_down).squeeze(1)  # (N, D)
 
@@ -108,12 +150,28 @@ def grouped(x_TD, indices_TK, gates_TK, w_gate, w_up, w_down):
     from tinymoe.nn.kernels import dispatch as kernels
 
     K = indices_TK.shape[1]
-    plan = make_plan(indices_TK, w_gate.shape[0])
+    plan = make_plan(indices_TK, num_experts(w_gate))
     counts = plan.counts.tolist()  # host sync: segment boundaries are data
     # gather_rows/combine have gather-form vjps: on CPU a scatter-add backward costs ~2x more.
     xs = kernels.gather_rows(x_TD, plan.order, K, plan.pos)  # (N, D) expert-sorted
-    ys = _segment_swiglu(counts)(xs, w_gate, w_up, w_down)[0]  # (N, D)
+    if isinstance(w_gate, QWeight):
+        ys = _segment_swiglu_quantized(counts, xs, w_gate, w_up, w_down)
+    else:
+        ys = _segment_swiglu(counts)(xs, w_gate, w_up, w_down)[0]  # (N, D)
     return kernels.combine(ys, plan.pos, gates_TK, plan.order)
+
+
+def _segment_swiglu_quantized(counts: list[int], xs_ND, w_gate, w_up, w_down):
+    """Forward of `_segment_swiglu` for quantized experts, each matmul by the kernel that is
+    fastest for its segment's rows (tinymoe.nn.quantized.expert_matmul)."""
+    bounds = np.cumsum(counts)[:-1].tolist()
+    parts = mx.split(xs_ND, bounds, axis=0) if bounds else [xs_ND]
+    ys = []
+    for e, xe in enumerate(parts):
+        if counts[e]:
+            h = _swiglu_forward(expert_matmul(xe, w_gate, e), expert_matmul(xe, w_up, e))[1]
+            ys.append(expert_matmul(h, w_down, e))
+    return ys[0] if len(ys) == 1 else mx.concatenate(ys, axis=0)
 
 
 @partial(mx.compile, shapeless=True)
@@ -201,7 +259,7 @@ def metal(x_TD, indices_TK, gates_TK, w_gate, w_up, w_down):
     from tinymoe.nn.kernels import dispatch as kernels
 
     K = indices_TK.shape[1]
-    plan = make_plan(indices_TK, w_gate.shape[0])
+    plan = make_plan(indices_TK, num_experts(w_gate))
     xs = kernels.gather_rows(x_TD, plan.order, K)[:, None, :]
     ys = _gather_mm_experts(xs, plan, w_gate, w_up, w_down)
     return kernels.combine(ys, plan.pos, gates_TK, plan.order)

@@ -17,29 +17,42 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from tinymoe.config import ModelConfig
-from tinymoe.nn.dispatch import resolve_backend
+from tinymoe.nn.dispatch import resolve_backend, resolve_decode_backend
 from tinymoe.nn.moe import LAYER_LOSSES, LAYER_STATS, MoELayer, SwiGLU
+from tinymoe.nn.rope import RoPE
 from tinymoe.router_registry import active_params
 
 
 class KVCache:
-    """Keys and values of the tokens seen so far, grown by concatenation (small models)."""
+    """Keys and values of the tokens seen so far, in buffers grown `STEP` positions at a time.
+
+    A new token's keys are written into the buffer in place (MLX reuses an array's memory for a
+    slice update when nothing else holds it) rather than concatenated, which would copy the whole
+    cache every decoded token. Attention reads the filled prefix, so results do not depend on
+    the buffer's spare room."""
+
+    STEP = 256
 
     def __init__(self):
-        self.keys = None  # (B, Hkv, S, Dh)
+        self.keys = None  # (B, Hkv, capacity, Dh)
         self.values = None
-
-    @property
-    def offset(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[2]
+        self.offset = 0  # positions filled
 
     def update(self, k, v):
-        if self.keys is None:
-            self.keys, self.values = k, v
-        else:
-            self.keys = mx.concatenate([self.keys, k], axis=2)
-            self.values = mx.concatenate([self.values, v], axis=2)
-        return self.keys, self.values
+        start, L = self.offset, k.shape[2]
+        if self.keys is None or start + L > self.keys.shape[2]:
+            grow = -(-L // self.STEP) * self.STEP
+            new_k = mx.zeros((*k.shape[:2], grow, k.shape[3]), k.dtype)
+            new_v = mx.zeros((*v.shape[:2], grow, v.shape[3]), v.dtype)
+            if self.keys is None:
+                self.keys, self.values = new_k, new_v
+            else:
+                self.keys = mx.concatenate([self.keys[..., :start, :], new_k], axis=2)
+                self.values = mx.concatenate([self.values[..., :start, :], new_v], axis=2)
+        self.offset = start + L
+        self.keys[..., start:self.offset, :] = k
+        self.values[..., start:self.offset, :] = v
+        return self.keys[..., :self.offset, :], self.values[..., :self.offset, :]
 
 
 class Attention(nn.Module):
@@ -52,20 +65,23 @@ class Attention(nn.Module):
         self.wv = nn.Linear(d, cfg.n_kv_heads * dh, bias=cfg.attn_bias)
         self.wo = nn.Linear(cfg.n_heads * dh, d, bias=False)
         self.wo.weight = self.wo.weight * out_scale
-        self.rope = nn.RoPE(dh, base=cfg.rope_theta)
+        self.rope = RoPE(dh, base=cfg.rope_theta)  # nn.RoPE's, cheaper on the CPU (tinymoe.nn.rope)
 
     def __call__(self, x, cache: KVCache | None = None):
-        B, L, _ = x.shape
+        B, L, D = x.shape
+        # Projections on (B*L, D) rows: the same matmuls, without a flatten and an unflatten node
+        # each (MLX adds them for a 3-D input), which a decoded token pays for (docs/performance.md).
+        x = x.reshape(B * L, D)
         q = self.wq(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)  # (B, Hq, L, Dh)
         k = self.wk(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         v = self.wv(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         offset = cache.offset if cache is not None else 0
-        q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
+        q, k = self.rope.pair(q, k, offset)
         if cache is not None:
             k, v = cache.update(k, v)
         mask = causal_mask(L, offset)
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5, mask=mask)
-        return self.wo(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return self.wo(out.transpose(0, 2, 1, 3).reshape(B * L, -1)).reshape(B, L, D)
 
 
 def causal_mask(L: int, offset: int):
@@ -93,11 +109,11 @@ class Block(nn.Module):
         else:
             self.ffn = SwiGLU(cfg.d_model, cfg.d_ff, out_scale)
 
-    def __call__(self, x, cache=None, routing=None, key=None):
+    def __call__(self, x, cache=None, routing=None, key=None, stats=True):
         x = x + self.attn(self.attn_norm(x), cache)
         h = self.ffn_norm(x)
         if self.is_moe:
-            y, losses = self.moe(h, routing, key)
+            y, losses = self.moe(h, routing, key, stats)
             return x + y, losses
         return x + self.ffn(h), None
 
@@ -114,19 +130,28 @@ class Model(nn.Module):
         self.set_dispatch(dispatch)
 
     def set_dispatch(self, name: str) -> str:
+        """Backend `name` for every MoE layer; `auto` also picks one for decode-sized calls."""
         self.dispatch = resolve_backend(name)
+        self.decode_dispatch = resolve_decode_backend(name, self.dispatch)
         for block in self.blocks:
             if block.is_moe:
-                block.moe.dispatch = self.dispatch
+                block.moe.dispatch, block.moe.decode_dispatch = self.dispatch, self.decode_dispatch
         return self.dispatch
 
     def moe_layers(self) -> list[int]:
         return [i for i, b in enumerate(self.blocks) if b.is_moe]
 
-    def __call__(self, tokens_BL, caches: list | None = None, routing: list | None = None, key=None):
+    def __call__(self, tokens_BL, caches: list | None = None, routing: list | None = None, key=None,
+                 stats: bool = True):
         """`key`: the training step's random key; each block gets its own split of it (routers
-        with training noise use it; None = MLX's global RNG, and no noise in eval mode anyway)."""
+        with training noise use it; None = MLX's global RNG, and no noise in eval mode anyway).
+        `stats=False` (sampling, eval mode): aux is {} and the MoE layers route lean, building no
+        losses or statistics (tinymoe.nn.moe); the logits are those of a call with stats."""
         x = self.embed(tokens_BL)
+        if not (stats or self.training):
+            for i, block in enumerate(self.blocks):
+                x, _ = block(x, caches[i] if caches else None, routing, None, False)
+            return self.logits(x), {}
         keys = mx.random.split(key, len(self.blocks)) if key is not None else [None] * len(self.blocks)
         aux = {name: mx.array(0.0) for name in LAYER_LOSSES}  # summed over MoE layers
         aux.update({name: [] for name in LAYER_STATS})  # one entry per MoE layer
@@ -137,9 +162,11 @@ class Model(nn.Module):
                     aux[name] = aux[name] + losses[name]
                 for name in LAYER_STATS:
                     aux[name].append(losses[name])
+        return self.logits(x), aux
+
+    def logits(self, x):
         x = self.norm(x)
-        logits = self.embed.as_linear(x) if self.cfg.tie_embeddings else self.lm_head(x)
-        return logits, aux
+        return self.embed.as_linear(x) if self.cfg.tie_embeddings else self.lm_head(x)
 
     def make_caches(self) -> list[KVCache]:
         return [KVCache() for _ in self.blocks]
@@ -150,9 +177,9 @@ def count_params(model: Model) -> dict:
     tinymoe.router_registry.active_params (also the planner's and import_hf's): shared experts
     always count; of the routed experts, K (k_max for dynamic, factor x K on average for expert
     choice)."""
-    from mlx.utils import tree_flatten
+    from tinymoe.nn.quantize import param_count
 
-    total = sum(v.size for _, v in tree_flatten(model.parameters()))
+    total = param_count(model)  # a quantized weight counts as the float weight it stands for
     moe = [block.moe for block in model.blocks if block.is_moe]
     per_expert = moe[0].experts.params_per_expert() if moe else 0
     return {"total": total, "active": active_params(model.cfg, total, per_expert)}

@@ -12,6 +12,10 @@ its own weight in ModelConfig, added to the LM loss by the trainer) and per-laye
              no expert took); 0 when dropless.
   mean_k     experts a token actually used, on average (K when dropless and k is fixed).
 
+A call with `stats=False` in eval mode (sampling; no routing record asked for, no eval-mode
+capacity) returns (y, None): the router runs lean (tinymoe.nn.routers) and the layer builds no
+losses or statistics, which on a decoded token cost more to build than the experts.
+
 Shared experts (DeepSeekMoE) are one dense SwiGLU of hidden width shared_experts * H beside the
 routed experts, added to every token's output ungated; `shared_experts` separate SwiGLUs of width
 H would compute exactly the same function, so one wide one is kept (one matmul per projection).
@@ -31,6 +35,9 @@ from tinymoe.router_registry import ROUTER_OPTIONS
 
 LAYER_LOSSES = ("balance_loss", "z_loss", "entropy_loss")  # fields of RoutingResult
 LAYER_STATS = ("load", "drop_rate", "mean_k")
+# A call with at most this many tokens (one decoding step, a small batch of them) runs the
+# layer's decode dispatch: the backend that is fastest at a few rows (tinymoe.nn.dispatch).
+DECODE_TOKENS = 8
 
 
 class SwiGLUExperts(nn.Module):
@@ -45,6 +52,17 @@ class SwiGLUExperts(nn.Module):
 
     def params_per_expert(self) -> int:
         return sum(w[0].size for w in (self.w_gate, self.w_up, self.w_down))
+
+    @property
+    def num_experts(self) -> int:
+        return self.w_gate.shape[0]
+
+    def weights(self) -> tuple:
+        """What the dispatch backends take: arrays here, `QWeight`s for quantized experts."""
+        return self.w_gate, self.w_up, self.w_down
+
+    def float_weights(self) -> tuple:
+        return self.w_gate, self.w_up, self.w_down
 
 
 class SwiGLU(nn.Module):
@@ -75,6 +93,7 @@ class MoELayer(nn.Module):
         self.num_shared = shared_experts
         self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
         self.dispatch = "dense"  # set by Model.set_dispatch; not a parameter
+        self.decode_dispatch = "dense"  # for calls of at most DECODE_TOKENS tokens (decoding)
 
     @classmethod
     def from_config(cls, cfg, out_scale: float = 1.0) -> "MoELayer":
@@ -83,31 +102,35 @@ class MoELayer(nn.Module):
         return cls(cfg.d_model, cfg.moe_experts, cfg.moe_topk, cfg.expert_d_ff, cfg.router_norm, out_scale,
                    router=cfg.router, shared_experts=cfg.shared_experts, **options)
 
-    def __call__(self, x: mx.array, routing: list | None = None, key=None):
+    def __call__(self, x: mx.array, routing: list | None = None, key=None, stats: bool = True):
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
         T = x_TD.shape[0]
+        if not (stats or routing is not None or self.training or self.eval_capacity_factor):
+            return self.infer(x_TD).reshape(shape), None
         # Without a key, the plain one-argument call (wrappers such as tinymoe.infer.offload's take x only).
         route: RoutingResult = self.router(x_TD) if key is None else self.router(x_TD, key)
         indices, gates, probs = route.indices, route.gates, route.probs
         kept = route.selected  # (T, K) or None: every slot used
-        e = self.experts
+        e, E = self.experts, self.experts.num_experts
         if route.tokens_EC is not None:  # expert choice: run the per-expert view directly
-            y = expert_choice_experts(x_TD, route.tokens_EC, route.gates_EC, e.w_gate, e.w_up, e.w_down)
+            y = expert_choice_experts(x_TD, route.tokens_EC, route.gates_EC, *e.float_weights())
             drop_rate = 1.0 - mx.mean(mx.any(kept, axis=-1).astype(mx.float32))  # tokens no expert took
         else:
             factor = self.capacity_factor if self.training else self.eval_capacity_factor
-            capacity = expert_capacity(factor, T, indices.shape[1], e.w_gate.shape[0])
+            capacity = expert_capacity(factor, T, indices.shape[1], E)
             if capacity:
                 routed = kept
-                kept = apply_capacity(indices, routed, e.w_gate.shape[0], capacity)
+                kept = apply_capacity(indices, routed, E, capacity)
                 n_routed = T * indices.shape[1] if routed is None else mx.sum(routed)
                 drop_rate = 1.0 - mx.sum(kept).astype(mx.float32) / mx.maximum(n_routed, 1)
             else:
                 drop_rate = mx.array(0.0)
             if kept is not None:
                 gates = mx.where(kept, gates, 0.0)  # a dropped slot adds nothing
-            y = run_experts(self.dispatch, x_TD, indices, gates.astype(x.dtype), e.w_gate, e.w_up, e.w_down)
+            backend = self.decode_dispatch if T <= DECODE_TOKENS else self.dispatch
+            run = getattr(e, "run_experts", run_experts)  # adapted experts (tinymoe.nn.lora) add their own
+            y = run(backend, x_TD, indices, gates.astype(x.dtype), *e.weights())
         if self.num_shared:
             y = y + self.shared(x_TD)
         stats = {name: getattr(route, name) for name in LAYER_LOSSES}
@@ -115,7 +138,7 @@ class MoELayer(nn.Module):
         if kept is None:
             stats["load"], stats["mean_k"] = route.load, mx.array(float(indices.shape[1]))
         else:
-            counts = mx.sum((indices[..., None] == mx.arange(e.w_gate.shape[0])) & kept[..., None], axis=(0, 1))
+            counts = mx.sum((indices[..., None] == mx.arange(E)) & kept[..., None], axis=(0, 1))
             stats["load"] = mx.stop_gradient(counts.astype(mx.float32) / mx.maximum(mx.sum(counts), 1))  # (E,)
             stats["mean_k"] = mx.stop_gradient(mx.sum(kept).astype(mx.float32) / T)
         if routing is not None:  # analysis only (inspect, route, sample --show-routing)
@@ -124,6 +147,19 @@ class MoELayer(nn.Module):
                 record["kept"] = kept
             routing.append(record)
         return y.reshape(shape), stats
+
+    def infer(self, x_TD: mx.array) -> mx.array:
+        """The layer's output alone, routed lean: the same experts and gates as __call__ in eval
+        mode (capacity aside, which `infer` leaves to __call__: it needs the slots in order). # (T, D)"""
+        route: RoutingResult = self.router(x_TD, lean=True)
+        e = self.experts
+        if route.tokens_EC is not None:
+            y = expert_choice_experts(x_TD, route.tokens_EC, route.gates_EC, *e.float_weights())
+        else:  # an unused dynamic slot already has gate 0
+            backend = self.decode_dispatch if x_TD.shape[0] <= DECODE_TOKENS else self.dispatch
+            run = getattr(e, "run_experts", run_experts)
+            y = run(backend, x_TD, route.indices, route.gates.astype(x_TD.dtype), *e.weights())
+        return y + self.shared(x_TD) if self.num_shared else y
 
 
 def needs_key(model) -> bool:

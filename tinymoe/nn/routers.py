@@ -22,6 +22,17 @@ papers and when to use each):
 
 Randomness (noise, jitter) is drawn only in training mode and only from the `key` passed in, so a
 resumed run reproduces an uninterrupted one (tinymoe.train.step derives keys from seed and step).
+
+Lean routing (`router(x, lean=True)`, eval mode only): what sampling runs. It returns indices and
+gates alone (no distribution, losses or load: nothing at sampling time reads them) and selects
+with the fewest operations that give the same experts and gates: an argmax for one slot, a
+partition for two (with two slots the combine's sum does not depend on their order), a sort
+for more; and, where the router's gates are the softmax over the chosen logits (topk-softmax) or
+the renormalised chosen probabilities (equal to it: softmax is increasing, so the top-k
+probabilities are those of the top-k logits), the softmax of the k chosen logits instead of all
+E. Routers whose result needs more (unrenormalised probabilities, node-limited groups, dynamic
+k, expert choice) keep their full computation and drop only the losses. On a decoded token these
+few operations are a visible share of the time (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -46,13 +57,14 @@ class RoutingResult:
     per-expert view (`tokens_EC`, `gates_EC`) that the MoE layer runs directly.
     """
 
-    indices: mx.array  # (T, K) expert of each slot, best first; stop_gradient'ed
+    indices: mx.array  # (T, K) expert of each slot, best first (lean: any order for K <= 2)
     gates: mx.array  # (T, K) weight of each slot in the combine (0 for an unused slot)
-    probs: mx.array  # (T, E) the router's distribution over experts (losses, inspect)
-    balance_loss: mx.array  # () see router_losses
-    z_loss: mx.array  # ()
-    entropy_loss: mx.array  # ()
-    load: mx.array  # (E,) share of the selected slots per expert, sums to 1
+    # None in a lean result (see the module docstring):
+    probs: mx.array | None = None  # (T, E) the router's distribution over experts (losses, inspect)
+    balance_loss: mx.array | None = None  # () see router_losses
+    z_loss: mx.array | None = None  # ()
+    entropy_loss: mx.array | None = None  # ()
+    load: mx.array | None = None  # (E,) share of the selected slots per expert, sums to 1
     selected: mx.array | None = None  # (T, K) bool: which slots are used; None = all
     tokens_EC: mx.array | None = None  # (E, C) expert choice: each expert's tokens, best first
     gates_EC: mx.array | None = None  # (E, C) expert choice: their gates
@@ -83,6 +95,17 @@ def router_losses(logits_TE, probs_TE, indices_TK, num_experts: int, selected_TK
 def top_k(scores_TE: mx.array, k: int) -> mx.array:
     """Indices of the k highest scores per token, best first. # (T, K)"""
     return mx.stop_gradient(mx.argsort(-mx.stop_gradient(scores_TE), axis=-1)[:, :k])
+
+
+def select(scores_TE: mx.array, k: int, ordered: bool) -> mx.array:
+    """Lean top-k for inference (no gradient): indices of the k highest scores per token, best
+    first when `ordered` or k == 1, else in any order. # (T, K)"""
+    if k == 1:
+        return mx.argmax(scores_TE, axis=-1, keepdims=True)  # first of equal maxima, as top_k
+    if not ordered:
+        E = scores_TE.shape[-1]
+        return mx.argpartition(scores_TE, kth=E - k, axis=-1)[:, E - k:]
+    return mx.argsort(-scores_TE, axis=-1)[:, :k]
 
 
 def limit_groups(scores_TE: mx.array, groups: int, group_topk: int) -> mx.array:
@@ -127,8 +150,30 @@ class Router(nn.Module):
             x = x * mx.random.uniform(1.0 - eps, 1.0 + eps, x.shape, key=key)
         return x @ self.weight.astype(mx.float32).T  # (T, E)
 
-    def __call__(self, x_TD: mx.array, key=None):
+    def __call__(self, x_TD: mx.array, key=None, lean: bool = False):
+        if self.is_lean(lean):
+            return self.lean_softmax_topk(self.logits(x_TD))
         return self.softmax_topk(self.logits(x_TD, key))
+
+    def is_lean(self, lean: bool) -> bool:
+        """Lean routing is for inference: training always gets the full result (and its noise)."""
+        return lean and not self.training
+
+    def lean_select(self, scores_TE: mx.array) -> mx.array:
+        # Order matters only from three slots on: a sum of two gated outputs is the same either way.
+        return select(scores_TE, self.top_k, ordered=self.top_k > 2)
+
+    def lean_softmax_topk(self, logits_TE: mx.array):
+        """softmax_topk's indices and gates, lean (see the module docstring)."""
+        if self.groups == 1 and (self.order == "topk-softmax" or self.norm):
+            indices = self.lean_select(logits_TE)
+            return RoutingResult(indices, mx.softmax(mx.take_along_axis(logits_TE, indices, axis=-1), axis=-1))
+        probs = mx.softmax(logits_TE, axis=-1)  # gates or group scores need the full distribution
+        indices = self.lean_select(limit_groups(probs, self.groups, self.group_topk))
+        if self.order == "topk-softmax":
+            return RoutingResult(indices, mx.softmax(mx.take_along_axis(logits_TE, indices, axis=-1), axis=-1))
+        gates = mx.take_along_axis(probs, indices, axis=-1)
+        return RoutingResult(indices, _renormalise(gates) if self.norm else gates)
 
     def softmax_topk(self, logits_TE: mx.array):
         probs = mx.softmax(logits_TE, axis=-1)  # (T, E)
@@ -177,8 +222,10 @@ class NoisyRouter(Router):
         self.noise_scale = noise_scale
         self.random = noise_scale > 0
 
-    def __call__(self, x_TD, key=None):
+    def __call__(self, x_TD, key=None, lean: bool = False):
         logits = self.logits(x_TD)
+        if self.is_lean(lean):  # eval mode: no noise
+            return self.lean_softmax_topk(logits)
         if self.training and self.noise_scale > 0:
             std = nn.softplus(x_TD.astype(mx.float32) @ self.w_noise.astype(mx.float32).T)  # (T, E)
             logits = logits + self.noise_scale * std * mx.random.normal(logits.shape, key=key)
@@ -196,7 +243,9 @@ class SmartRouter(Router):
     def temperature(self) -> mx.array:
         return mx.exp(mx.clip(self.log_temperature.astype(mx.float32), *LOG_TEMPERATURE_RANGE))
 
-    def __call__(self, x_TD, key=None):
+    def __call__(self, x_TD, key=None, lean: bool = False):
+        if self.is_lean(lean):
+            return self.lean_softmax_topk(self.logits(x_TD) / self.temperature())
         return self.softmax_topk(self.logits(x_TD, key) / self.temperature())
 
 
@@ -212,9 +261,13 @@ class SigmoidBiasRouter(Router):
         self.freeze(recurse=False, keys=["selection_bias"])  # saved with the weights, never trained
         self.bias_rate = bias_rate
 
-    def __call__(self, x_TD, key=None):
+    def __call__(self, x_TD, key=None, lean: bool = False):
         logits = self.logits(x_TD)
         scores = mx.sigmoid(logits)  # (T, E)
+        if self.is_lean(lean):
+            indices = self.lean_select(limit_groups(scores + self.selection_bias, self.groups, self.group_topk))
+            gates = mx.take_along_axis(scores, indices, axis=-1)
+            return RoutingResult(indices, _renormalise(gates) if self.norm else gates)
         biased = mx.stop_gradient(scores) + mx.stop_gradient(self.selection_bias)
         indices = top_k(limit_groups(biased, self.groups, self.group_topk), self.top_k)  # (T, K)
         gates = mx.take_along_axis(scores, indices, axis=-1)  # (T, K)
@@ -237,16 +290,20 @@ class DynamicRouter(Router):
         super().__init__(d_model, num_experts, k_max or top_k, norm)
         self.k_min, self.threshold = k_min, dynamic_threshold
 
-    def __call__(self, x_TD, key=None):
+    def __call__(self, x_TD, key=None, lean: bool = False):
         logits = self.logits(x_TD)
         probs = mx.softmax(logits, axis=-1)  # (T, E)
-        indices = top_k(probs, self.top_k)  # (T, Kmax), best first
+        lean = self.is_lean(lean)
+        # Best first in both modes: the threshold is a running sum in that order.
+        indices = select(probs, self.top_k, ordered=True) if lean else top_k(probs, self.top_k)  # (T, Kmax)
         chosen = mx.take_along_axis(probs, indices, axis=-1)  # (T, Kmax)
         # Slot j is used when the mass before it is still short of the threshold (or j < k_min).
         before = mx.cumsum(mx.stop_gradient(chosen), axis=-1) - mx.stop_gradient(chosen)
         selected = mx.stop_gradient((before < self.threshold) | (mx.arange(self.top_k) < self.k_min))
         gates = mx.where(selected, chosen, 0.0)
         gates = _renormalise(gates) if self.norm else gates
+        if lean:
+            return RoutingResult(indices, gates, selected=selected)
         losses = router_losses(logits, probs, indices, self.num_experts, selected)
         return RoutingResult(indices, gates, probs, **losses, selected=selected)
 
@@ -266,7 +323,7 @@ class ExpertChoiceRouter(Router):
         factor = (self.capacity_factor if self.training else self.eval_capacity_factor) or self.capacity_factor
         return min(T, max(1, math.ceil((factor or 1.0) * T * self.top_k / self.num_experts)))
 
-    def __call__(self, x_TD, key=None):
+    def __call__(self, x_TD, key=None, lean: bool = False):
         logits = self.logits(x_TD)
         probs = mx.softmax(logits, axis=-1)  # (T, E)
         T, E = probs.shape
@@ -276,6 +333,8 @@ class ExpertChoiceRouter(Router):
         selected = mx.stop_gradient(taken_ET.T > 0)  # (T, E)
         indices = mx.broadcast_to(mx.arange(E), (T, E))  # (T, E): slot e is expert e
         gates = mx.where(selected, probs, 0.0)
+        if self.is_lean(lean):  # the per-expert view is what the layer runs; only the losses go
+            return RoutingResult(indices, gates, selected=selected, tokens_EC=tokens_EC, gates_EC=gates_EC)
         losses = router_losses(logits, probs, indices, E, selected)  # balance is 1 by construction
         return RoutingResult(indices, gates, probs, **losses, selected=selected, tokens_EC=tokens_EC,
                              gates_EC=gates_EC)

@@ -16,8 +16,7 @@ import time
 from pathlib import Path
 
 from tinymoe.errors import TinyMoeError
-
-LOCK_FILE = "train.lock"
+from tinymoe.io.folders import LOCK_FILE  # noqa: F401  (re-exported: the lock's file name)
 
 
 class RunLock:

@@ -10,6 +10,9 @@ import sys
 import time
 
 
+ESTIMATE_AFTER = 4  # steps timed (after the first) for the early estimate
+
+
 def format_duration(seconds: float) -> str:
     seconds = int(max(0, seconds))
     h, rem = divmod(seconds, 3600)
@@ -23,8 +26,10 @@ class ProgressBar:
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.start = time.perf_counter()
+        self._first_done: float | None = None
 
     def update(self, step: int, **fields) -> None:
+        self._early_estimate(step)
         if not self.enabled or (not self.tty and step % self.every and step != self.total):
             return
         done = step - self.initial
@@ -40,6 +45,17 @@ class ProgressBar:
             self.stream.flush()
         else:
             self.stream.write(line + "\n")
+
+    def _early_estimate(self, step: int) -> None:
+        """Once, a few steps in: how long the rest will take. The first step is left out of the
+        rate (it compiles), so the estimate holds from the start of a long run."""
+        done = step - self.initial
+        if done == 1:
+            self._first_done = time.perf_counter()
+        elif done == 1 + ESTIMATE_AFTER and self.total - step > ESTIMATE_AFTER and self._first_done is not None:
+            per_step = (time.perf_counter() - self._first_done) / ESTIMATE_AFTER
+            self.message(f"estimate: about {format_duration(per_step * (self.total - step))} for the remaining "
+                         f"{self.total - step} steps ({per_step:.2f} s/step)")
 
     def message(self, text: str) -> None:
         """A line that must not be overwritten (eval results, checkpoint saved)."""

@@ -26,13 +26,14 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from tinymoe.config import ModelConfig, TrainConfig
 from tinymoe.nn.dispatch import COMPILABLE
 from tinymoe.nn.model import Model
 from tinymoe.nn.moe import has_router_state, needs_key, update_router_state
 from tinymoe.router_registry import effective_entropy_weight
+from tinymoe.train.distill import kd_loss
 
 
 def _stack_layers(values: list) -> mx.array:
@@ -44,24 +45,54 @@ class Stepper:
     """One optimizer step: grad_accum micro-batches, averaged grads, clip, the optimizer's update."""
 
     def __init__(self, model: Model, optimizer, model_cfg: ModelConfig, train: TrainConfig,
-                 compile: bool | None = None):
-        """compile: None compiles whenever the dispatch backend allows it; False never does."""
-        self.model, self.optimizer = model, optimizer
+                 compile: bool | None = None, trains=None, distill: str | None = None):
+        """compile: None compiles whenever the dispatch backend allows it; False never does.
+        trains: None trains every weight; else a predicate on weight names (a training stage's
+        groups, tinymoe.stages.trains): the others get no update, no weight decay, no optimizer
+        state change. train.loss_on "target" weights the LM loss by each batch's target mask.
+        distill: the teacher cache's method (tinymoe.train.distill); batches then carry the
+        teacher's predictions and the LM loss is (1 - w) CE + w KD, w = train.distill_weight."""
+        self.model, self.optimizer, self.trains = model, optimizer, trains
+        self.masked = train.loss_on == "target"
+        self.distill = distill
+        w_kd, temperature = train.distill_weight, train.distill_temperature
+        self.router_trains = trains is None or any(trains(n) for n, _ in tree_flatten(model.trainable_parameters())
+                                                   if ".moe.router." in n)
         w_balance, w_z, clip = model_cfg.aux_loss_weight, model_cfg.z_loss_weight, train.grad_clip
         w_entropy = effective_entropy_weight(model_cfg)
         # Noisy/jittered routers get an explicit key per micro-batch (an input of the compiled step).
         self.seed, self.needs_key, self.router_state = train.seed, needs_key(model), has_router_state(model)
 
-        def loss_fn(x, y, key=None):
+        def body(x, y, m, key, teacher=None):
             logits, aux = model(x, key=key)
-            ce = nn.losses.cross_entropy(logits, y, reduction="mean")
-            total = ce + w_balance * aux["balance_loss"] + w_z * aux["z_loss"]
+            if m is None:
+                ce = nn.losses.cross_entropy(logits, y, reduction="mean")
+            else:  # the mean over target tokens only (a batch without any contributes 0)
+                ce = mx.sum(nn.losses.cross_entropy(logits, y, reduction="none") * m) / mx.maximum(mx.sum(m), 1.0)
+            lm = ce
+            if teacher is not None:  # teacher = (ids, log-probabilities, rest) at each input position
+                kd = kd_loss(logits, *teacher, distill, temperature, m)
+                lm = (1.0 - w_kd) * ce + w_kd * kd
+            total = lm + w_balance * aux["balance_loss"] + w_z * aux["z_loss"]
             if w_entropy:  # the entropy bonus (tinymoe.nn.routers.router_losses)
                 total = total + w_entropy * aux["entropy_loss"]
             # Per-layer stats stay lists (empty for a dense model) and are stacked outside: two
             # distinct empty arrays among a compiled value_and_grad's outputs crash mx.compile (0.32).
-            return total, ce, aux["balance_loss"], aux["z_loss"], aux["load"], aux["entropy_loss"], \
-                aux["drop_rate"], aux["mean_k"]
+            out = (total, ce, aux["balance_loss"], aux["z_loss"], aux["load"], aux["entropy_loss"],
+                   aux["drop_rate"], aux["mean_k"])
+            return out + (kd,) if teacher is not None else out
+
+        if distill:
+            masked = self.masked
+
+            def loss_fn(x, y, m, t_ids, t_logp, t_rest, key=None):
+                return body(x, y, m if masked else None, key, (t_ids, t_logp, t_rest))
+        elif self.masked:
+            def loss_fn(x, y, m, key=None):
+                return body(x, y, m, key)
+        else:
+            def loss_fn(x, y, key=None):
+                return body(x, y, None, key)
 
         grad_fn = nn.value_and_grad(model, loss_fn)
 
@@ -98,12 +129,19 @@ class Stepper:
                 step = int(getattr(self.optimizer.step, "item", lambda: self.optimizer.step)())
             key = step_key(self.seed, step)
         for next_batch in next_batches:
-            x, y = next_batch()
+            batch = next_batch()  # (inputs, targets) or (inputs, targets, target mask)
+            args = [mx.array(batch[0]), mx.array(batch[1])]
+            if self.distill:  # (inputs, targets, mask, teacher ids, log-probabilities, rest)
+                args += [mx.array(a) for a in batch[2:6]]
+            elif self.masked:
+                args.append(mx.array(batch[2]) if len(batch) > 2 else mx.ones(batch[1].shape, mx.float32))
             if self.needs_key:
                 key, sub = mx.random.split(key)
-                values, g = self._grad(mx.array(x), mx.array(y), sub)
+                values, g = self._grad(*args, sub)
             else:
-                values, g = self._grad(mx.array(x), mx.array(y))
+                values, g = self._grad(*args)
+            if self.trains is not None:  # frozen groups: no gradient reaches the optimizer
+                g = tree_unflatten([(n, a) for n, a in tree_flatten(g) if self.trains(n)])
             values = tuple(_stack_layers(v) if isinstance(v, list) else v for v in values)
             grads = g if grads is None else tree_map(mx.add, grads, g)
             sums = values if sums is None else tuple(a + b for a, b in zip(sums, values))
@@ -116,12 +154,12 @@ class Stepper:
         norm = self._norm(grads)
         mx.eval(grads, norm, *sums)
         finite = all(math.isfinite(v.item()) for v in (sums[0], sums[1], norm))
-        total, ce, balance, z, load, entropy, drop, mean_k = sums
+        total, ce, balance, z, load, entropy, drop, mean_k = sums[:8]
         rolled_back = False
         if finite:
             before = self.model.parameters(), snapshot_optimizer(self.optimizer)
             norm = self._apply(grads)
-            if self.router_state:  # e.g. the sigmoid-bias router's balancing bias, from this step's load
+            if self.router_state and self.router_trains:  # e.g. the sigmoid-bias router's balancing bias
                 update_router_state(self.model, load)
             lr = self.optimizer.learning_rate  # set by the update: the rate it applied
             params, state = self.model.parameters(), self.optimizer.state
@@ -137,6 +175,8 @@ class Stepper:
                "z_loss": z.item(), "entropy_loss": entropy.item(), "grad_norm": norm.item(), "lr": lr.item(),
                "load": np.array(load).round(5).tolist(), "drop_rate": np.array(drop).round(5).tolist(),
                "mean_k": np.array(mean_k).round(4).tolist(), "skipped": not finite}
+        if self.distill:  # "loss" stays the cross entropy, comparable with runs without a teacher
+            out["kd_loss"] = sums[8].item()
         if rolled_back:
             out["rolled_back"] = True
         return out

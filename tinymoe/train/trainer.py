@@ -20,6 +20,8 @@ uninterrupted run's losses bit for bit on CPU.
 from __future__ import annotations
 
 import math
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -29,42 +31,66 @@ from mlx.utils import tree_flatten, tree_unflatten
 from tinymoe.config import ModelConfig, TrainConfig, to_dict
 from tinymoe.data.batches import BatchSampler
 from tinymoe.data.prepare import prepare_data
+from tinymoe.data.teacher_cache import open_cache
 from tinymoe.errors import TinyMoeError
 from tinymoe.jsonutil import dumps
 from tinymoe.io import checkpoint, metrics_log
 from tinymoe.memory_check import require_train_fits
+from tinymoe.nn.lora import apply_finetune, finetune_record, saved_weights
 from tinymoe.nn.model import Model, count_params
 from tinymoe.optim.factory import make_optimizer
-from tinymoe.train.evaluate import evaluate
+from tinymoe.train.evaluate import combine, evaluate
+from tinymoe.quick import MAX_STEPS_ENV, eval_batches, stop_step
 from tinymoe.train.monitor import HealthMonitor
 from tinymoe.train.progress import ProgressBar
-from tinymoe.train.schedule import lr_schedule
+from tinymoe.stages import stage_at, to_dicts
+from tinymoe.train.schedule import lr_schedule, staged_schedule
+from tinymoe.train.stages import set_capacity, stage_configs, stage_sampler, stage_validation, trains_predicate
 from tinymoe.train.step import Stepper
 
 
 class Trainer:
     def __init__(self, model_cfg: ModelConfig, train: TrainConfig, run_dir: Path, *,
                  resume: dict | None = None, progress: bool = True, keep: int = 0,
-                 init: dict | None = None):
+                 init: dict | None = None, stages: list | None = None):
         """resume: {"manifest", "ckpt", "tokenizer", "weights", "optimizer"} from a checkpoint.
-        init: {"weights", "tokenizer"}: a new run (step 0, fresh optimizer) from those weights."""
-        self.train, self.run_dir, self.keep = train, Path(run_dir), keep
+        init: {"weights", "tokenizer"}: a new run (step 0, fresh optimizer) from those weights.
+        stages: a stage plan (tinymoe.stages) whose data specs are `train.data` and whose steps
+        add up to `train.steps`."""
+        self.train, self.run_dir, self.keep, self.stages = train, Path(run_dir), keep, stages
         mx.random.seed(train.seed)
-        self.data = prepare_data(train, resume["tokenizer"] if resume else init["tokenizer"] if init else None)
-        model_cfg.vocab_size = self.data.tokenizer.vocab_size
-        require_train_fits(model_cfg, train)  # one line instead of a crash inside the allocator
+        self.data = prepare_data(train, resume["tokenizer"] if resume else init["tokenizer"] if init else None,
+                                 model_cfg.context, separate=stages is not None)
+        # A fine-tune (tinymoe.run.finetune) trains adapters on a frozen, possibly quantized base:
+        # its record, stored in each of its checkpoints, rebuilds that model (tinymoe.nn.lora).
+        finetune = (resume["manifest"] if resume else init or {}).get("finetune")
+        if finetune is None:  # (a base's vocabulary may be padded beyond its tokenizer's: kept)
+            model_cfg.vocab_size = self.data.tokenizer.vocab_size
+        if finetune is None:  # full training's memory; a fine-tune's is planned by `plan --finetune`
+            require_train_fits(model_cfg, train)  # one line instead of a crash inside the allocator
+        self.teacher = self._open_teacher(train, model_cfg.vocab_size, stages)
         self.cfg = model_cfg
         self.model = Model(model_cfg, train.dispatch)
+        if finetune is not None:
+            apply_finetune(self.model, finetune)
         if init:  # tinymoe train --init: start from a checkpoint's weights (e.g. an upcycled model)
             self.model.update(tree_unflatten(list(init["weights"].items())))
             mx.eval(self.model.parameters())
-        self.optimizer = make_optimizer(train.optimizer, lr_schedule(train), [train.beta1, train.beta2],
+        schedule = staged_schedule(train, stages) if stages else lr_schedule(train)
+        self.optimizer = make_optimizer(train.optimizer, schedule, [train.beta1, train.beta2],
                                         train.weight_decay, train.optimizer_state_dtype)
         self.optimizer.init(self.model.trainable_parameters())
         if self.data.train_tokens.size < model_cfg.context + 1:
             raise TinyMoeError(f"{', '.join(self.data.sources)}: only {self.data.train_tokens.size} training tokens "
                                f"after the validation split; one window needs context+1 = {model_cfg.context + 1}")
-        self.sampler = BatchSampler(self.data.train_tokens, train.batch_size, model_cfg.context, train.seed)
+        self.stage_index = stage_at(stages, resume["manifest"]["step"] if resume else 0) if stages else None
+        if stages:
+            self.sampler = stage_sampler(self.data, stages[self.stage_index], self.stage_index, train.batch_size,
+                                         model_cfg.context, train.seed)
+        else:
+            self.sampler = BatchSampler(self.data.train_tokens, train.batch_size, model_cfg.context, train.seed,
+                                        self.data.train_mask if train.loss_on == "target" else None,
+                                        teacher=self.teacher)
         self.step, self.tokens_seen = 0, 0
         self.health = HealthMonitor(train.max_bad_steps, train.spike_factor, train.spike_window)
         self.last_checkpoint = None  # the newest checkpoint of this run: kept intact when we stop
@@ -72,8 +98,42 @@ class Trainer:
         if resume:
             self._restore(resume)
         self.progress = ProgressBar(train.steps, self.step, progress, train.log_every)
-        self.stepper = Stepper(self.model, self.optimizer, model_cfg, train)
+        self.stepper = self._make_stepper()
         self.compiled = self.stepper.compiled
+
+    def _make_stepper(self) -> Stepper:
+        if not self.stages:
+            return Stepper(self.model, self.optimizer, self.cfg, self.train,
+                           distill=self.teacher.method if self.teacher is not None else None)
+        stage = self.stages[self.stage_index]
+        set_capacity(self.model, stage.capacity_factor)
+        model_cfg, train = stage_configs(self.cfg, self.train, stage)
+        return Stepper(self.model, self.optimizer, model_cfg, train, trains=trains_predicate(stage))
+
+    def _open_teacher(self, train: TrainConfig, vocab_size: int, stages):
+        """The run's teacher cache (tinymoe.data.teacher_cache), checked against its data, or None."""
+        if not train.teacher_cache:
+            return None
+        if stages is not None:
+            raise TinyMoeError("--teacher-cache does not combine with --stages (a cache covers one training "
+                               "stream; a staged run samples several)")
+        cache = open_cache(train.teacher_cache)
+        cache.check_run(self.data.tokenizer, self.data.train_tokens, train.val_fraction, vocab_size)
+        return cache
+
+    def _enter_stage(self, index: int) -> None:
+        """From the stage before: a fresh sampler over the new stage's data and its step function."""
+        self.stage_index = index
+        stage = self.stages[index]
+        self.sampler = stage_sampler(self.data, stage, index, self.train.batch_size, self.cfg.context,
+                                     self.train.seed)
+        self.stepper = self._make_stepper()
+        self.progress.message(self._stage_line())
+
+    def _stage_line(self) -> str:
+        stage = self.stages[self.stage_index]
+        return (f"step {self.step}: stage {self.stage_index + 1}/{len(self.stages)} '{stage.name}' ({stage.steps} "
+                f"steps, train {', '.join(stage.train)}, loss on {stage.loss_on})")
 
     # -- state -----------------------------------------------------------------------------
     def _restore(self, resume: dict) -> None:
@@ -81,8 +141,18 @@ class Trainer:
         self.model.update(tree_unflatten(list(resume["weights"].items())))
         opt = {k: v for k, v in resume["optimizer"].items()}
         self.optimizer.state = tree_unflatten(list(opt.items()))
+        if self.stages and hasattr(self.optimizer, "_initialized"):
+            # mlx's optimizers complete a restored state's tree at their first update, from the
+            # gradients they get: a stage training a few groups would leave the rest incomplete.
+            self.optimizer.init(self.model.trainable_parameters())
         self.step, self.tokens_seen = m["step"], m.get("tokens_seen", 0)
-        self.sampler.load_state(m["data"]["sampler"])
+        saved = (m.get("distill") or {}).get("digest")
+        if self.teacher is not None and saved is not None and saved != self.teacher.digest:
+            raise TinyMoeError(f"teacher cache {self.teacher.path} changed since this run used it (its content "
+                               f"differs from the checkpoint's record); resuming would not continue the same run")
+        # A checkpoint saved at a stage's last step holds that stage's sampler: the next stage starts fresh.
+        if self.stages is None or m.get("stages", {}).get("sampler_stage") == self.stage_index:
+            self.sampler.load_state(m["data"]["sampler"])
         self.health.load_state(m.get("health", {}))
         self.last_checkpoint = resume["ckpt"]
         mx.eval(self.model.parameters(), self.optimizer.state)
@@ -98,8 +168,13 @@ class Trainer:
             raise TinyMoeError(f"{self.run_dir}: cannot write the run directory: {exc.strerror or exc}") from None
         last, val = {}, {}
         window_start, window_tokens = time.perf_counter(), 0
+        if self.stages:
+            self.progress.message(self._stage_line())
         try:
-            while self.step < t.steps:
+            stop_at = stop_step(self.step, t.steps)
+            while self.step < stop_at:
+                if self.stages and stage_at(self.stages, self.step) != self.stage_index:
+                    self._enter_stage(stage_at(self.stages, self.step))
                 last = self.stepper.step((self.sampler.next_batch for _ in range(t.grad_accum)), self.step)
                 self.step += 1
                 self.tokens_seen += t.grad_accum * t.batch_size * self.cfg.context
@@ -107,10 +182,11 @@ class Trainer:
                 window_tokens += t.grad_accum * t.batch_size * self.cfg.context
                 elapsed = time.perf_counter() - window_start
                 tok_s = window_tokens / elapsed if elapsed > 0 else 0.0
-                self.progress.update(self.step, loss=last["loss"], lr=last["lr"], **{"tok/s": round(tok_s)})
-                if self.step % t.log_every == 0 or self.step == t.steps or last["skipped"] or last.get("spike"):
+                stage = {"stage": self.stages[self.stage_index].name} if self.stages else {}
+                self.progress.update(self.step, **stage, loss=last["loss"], lr=last["lr"], **{"tok/s": round(tok_s)})
+                if self.step % t.log_every == 0 or self.step == stop_at or last["skipped"] or last.get("spike"):
                     # Skipped and spike steps are always logged; NaN/inf become null (strict JSON).
-                    record = {"step": self.step, **{k: v if not isinstance(v, float) or math.isfinite(v) else None
+                    record = {"step": self.step, **stage, **{k: v if not isinstance(v, float) or math.isfinite(v) else None
                                                     for k, v in last.items()},
                               "skipped_steps": self.health.skipped_steps, "tokens_per_s": round(tok_s, 1),
                               "tokens_seen": self.tokens_seen}
@@ -119,16 +195,17 @@ class Trainer:
                     window_start, window_tokens = time.perf_counter(), 0
                 if stop:
                     raise TinyMoeError(stop)
-                if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.steps:
+                if (t.eval_every and self.step % t.eval_every == 0) or self.step == stop_at:
                     val = self.validate()
                     if val["loss"] is not None:
-                        metrics_file.write(dumps({"step": self.step, **{f"val_{k}": v for k, v in val.items()}}) + "\n")
+                        metrics_file.write(dumps({"step": self.step, **stage, **{f"val_{k}": v for k, v in val.items()}})
+                                           + "\n")
                         metrics_file.flush()
                         self.progress.message(f"step {self.step}: val loss {val['loss']:.4f} "
                                               f"bits/byte {val['bits_per_byte']:.4f}")
                 # A scheduled save waits for a good step, so a checkpoint never lands inside a bad
                 # streak (the final step still saves: its weights are the last good ones).
-                if ((t.save_every and self.step % t.save_every == 0) and not last["skipped"]) or self.step == t.steps:
+                if ((t.save_every and self.step % t.save_every == 0) and not last["skipped"]) or self.step == stop_at:
                     path = self.save({"train_loss": last["loss"] if not last["skipped"] else None,
                                       "val_loss": val.get("loss"), "val_bits_per_byte": val.get("bits_per_byte"),
                                       "skipped_steps": self.health.skipped_steps})
@@ -138,6 +215,9 @@ class Trainer:
         finally:
             metrics_file.close()
             self.progress.close()
+        if self.step < t.steps and self.progress.enabled:
+            print(f"stopped at step {self.step} of {t.steps} ({MAX_STEPS_ENV}={os.environ[MAX_STEPS_ENV]}); "
+                  f"continue with: tinymoe train --resume {self.run_dir}", file=sys.stderr)
         return {"step": self.step, "train_loss": last.get("loss"), "val_loss": val.get("loss"),
                 "val_bits_per_byte": val.get("bits_per_byte"), "tokens_seen": self.tokens_seen,
                 "skipped_steps": self.health.skipped_steps}
@@ -170,8 +250,13 @@ class Trainer:
     def validate(self) -> dict:
         self.model.train(False)
         try:
-            return evaluate(self.model, self.data.val_tokens, self.data.tokenizer.token_byte_lengths(),
-                            self.train.batch_size, self.cfg.context, self.train.eval_batches)
+            if self.stages:  # each of the stage's data on its own, so every one is scored
+                splits = stage_validation(self.data, self.stages[self.stage_index])
+            else:
+                splits = [(self.data.val_tokens, self.data.val_mask if self.train.loss_on == "target" else None)]
+            return combine([evaluate(self.model, tokens, self.data.tokenizer.token_byte_lengths(),
+                                     self.train.batch_size, self.cfg.context, eval_batches(self.train.eval_batches), mask)
+                            for tokens, mask in splits])
         finally:
             self.model.train(True)
 
@@ -186,7 +271,15 @@ class Trainer:
                      "val_tokens": int(self.data.val_tokens.size), "sampler": self.sampler.state()},
             "metrics": metrics, "health": self.health.state(),
         }
-        weights = dict(tree_flatten(self.model.parameters()))
+        if self.stages:
+            manifest["stages"] = {"plan": to_dicts(self.stages), "sampler_stage": self.stage_index}
+        if self.teacher is not None:
+            manifest["distill"] = {"cache": str(self.teacher.path), "digest": self.teacher.digest,
+                                   "method": self.teacher.method, "k": self.teacher.k,
+                                   "teacher": self.teacher.manifest["teacher"]}
+        if finetune_record(self.model) is not None:
+            manifest["finetune"] = finetune_record(self.model)
+        weights = saved_weights(self.model)  # a fine-tune's: its adapters only (the base is referenced)
         opt_state = dict(tree_flatten(self.optimizer.state))
         self.last_checkpoint = checkpoint.save(self.run_dir, self.step, weights, opt_state, manifest,
                                                self.data.tokenizer, self.keep)
