@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from debug_run import write_corpus
+from debug_run import one_error_line as single_error_line, write_corpus
 from click.testing import CliRunner
 
 from tinymoe.cli.main import cli
@@ -24,11 +24,8 @@ def invoke(*args, env=None):
 
 def one_error_line(result) -> str:
     """The command failed cleanly: exit 2, one `error:` line and nothing else, no exception."""
-    assert result.exit_code == 2, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    return lines[0]
+    return single_error_line(result, "error: ")
 
 
 @pytest.fixture(scope="module")

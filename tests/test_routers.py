@@ -242,23 +242,16 @@ def test_gradient_reaches_the_router_through_gates_only(name):
     assert np.all(np.array(g_idx) == 0)
 
 
-@pytest.mark.parametrize("name", list(ROUTERS))
-def test_causal_routers_give_prefix_logits_equal_to_full_logits(name):
+def test_sampling_refuses_a_router_that_is_not_causal():
+    """Which routers are causal is checked against the model in test_router_registry; here, that
+    generation refuses one that is not (expert-choice: later tokens change earlier outputs)."""
     base, _ = load_preset("debug")
-    cfg = dataclasses.replace(base, router=name, **ROUTERS[name])
+    cfg = dataclasses.replace(base, router="expert-choice", **ROUTERS["expert-choice"])
     validate(cfg)
-    mx.random.seed(0)
     model = Model(cfg, "dense")
     model.train(False)
-    tokens = mx.array(np.random.default_rng(0).integers(0, 256, (2, 24)))
-    full = np.array(model(tokens)[0][:, :12])
-    prefix = np.array(model(tokens[:, :12])[0])
-    if name == "expert-choice":  # documented as not causal: later tokens change earlier outputs
-        assert not np.allclose(full, prefix, atol=1e-4)
-        with pytest.raises(TinyMoeError, match="not causal"):
-            next(generate(model, [1, 2, 3], 2))
-    else:
-        assert np.allclose(full, prefix, atol=1e-4)
+    with pytest.raises(TinyMoeError, match="not causal"):
+        next(generate(model, [1, 2, 3], 2))
 
 
 def test_router_losses_count_only_selected_slots():
