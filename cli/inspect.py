@@ -55,6 +55,7 @@ def inspect_cmd(checkpoint, data, summary_only, batch_size, max_batches, plot_di
                      | {"base": manifest["finetune"].get("base", {}).get("path")} if "finetune" in manifest else None),
         "quantization": ({k: manifest["quantization"][k] for k in ("bits", "group_size", "modules")}
                          if "quantization" in manifest else None),
+        "domain_experts": manifest.get("domains"),  # the target mapping (docs/domains.md), or None
     }
     layers = []
     if not summary_only and model.moe_layers():
@@ -73,6 +74,8 @@ def inspect_cmd(checkpoint, data, summary_only, batch_size, max_batches, plot_di
 
             base = open_checkpoint(ckpt).base_model()
             summary["drift"] = routing_drift(model, base, tokens, batch_size, cfg.context, max_batches)
+    if summary["domain_experts"]:
+        _target_shares(layers, summary["domains"], summary["domain_experts"]["experts"])
     summary["layers"] = layers
     written = _plots(summary, Path(plot_dir)) if plot_dir and layers else []
     if as_json:
@@ -129,8 +132,15 @@ def _print(s):
         doms = ", ".join(f"{d} {n:,}" for d, n in zip(s["domains"], s["domain_tokens"]))
         click.echo(f"routed on    {s.get('routed_on')}: {s.get('routed_tokens', 0):,} tokens"
                    + (f" ({doms})" if doms else ""))
+    d = s.get("domain_experts")
+    if d:
+        acc = d.get("secretary_val_accuracy")
+        click.echo(f"domain map   {', '.join(f'{n}={_ids(v)}' for n, v in d['experts'].items())} ({d['mode']}"
+                   + (f", weight {d['weight']:g}" if d["mode"] == "soft" else "") + ")"
+                   + (f"; secretary val accuracy {acc:.3f}" if acc is not None else
+                      ("; secretary (not validated yet)" if d.get("secretary") else "")))
     for layer in s["layers"]:
-        _print_layer(layer, s["domains"])
+        _print_layer(layer, s["domains"], (d or {}).get("experts"))
     if s.get("drift"):
         _print_drift(s["drift"])
     if s["layers"]:
@@ -138,7 +148,19 @@ def _print(s):
                    "H(domain): 0 = routing ignores the domain, 1 = each expert serves one domain)")
 
 
-def _print_layer(layer: dict, domains: list) -> None:
+def _ids(ids: list[int]) -> str:
+    return f"{ids[0]}-{ids[-1]}" if ids == list(range(ids[0], ids[-1] + 1)) else ",".join(map(str, ids))
+
+
+def _target_shares(layers: list, domains: list, mapping: dict) -> None:
+    """Per layer, each mapped domain's share of routed slots that landed on its target experts."""
+    for layer in layers:
+        table = layer.get("domain_expert")
+        layer["target_share"] = None if table is None else {
+            name: round(sum(row[e] for e in mapping[name]), 4) for name, row in zip(domains, table) if name in mapping}
+
+
+def _print_layer(layer: dict, domains: list, mapping: dict | None = None) -> None:
     from tinymoe.analysis.stats import bar
 
     E = layer["experts"]
@@ -159,9 +181,16 @@ def _print_layer(layer: dict, domains: list) -> None:
     if layer["domain_expert"] is not None:
         width = max([6] + [len(d) for d in domains])
         click.echo(f"  {'domain':<{width}}  " + " ".join(f"{e:>4d}" for e in range(E))
-                   + "   (% of the domain's routed slots per expert)")
+                   + "   (% of the domain's routed slots per expert" + ("; * = its target experts)" if mapping else ")"))
         for name, row in zip(domains, layer["domain_expert"]):
-            click.echo(f"  {name:<{width}}  " + " ".join(f"{100 * v:4.0f}" for v in row))
+            target = (mapping or {}).get(name, [])
+            line = f"  {name:<{width}}  " + " ".join(f"{100 * v:4.0f}" + ("*" if e in target else " ")
+                                                     for e, v in enumerate(row))
+            if mapping and name in mapping:
+                line += f"  target {_ids(target)}: {100 * layer['target_share'][name]:.0f}% on target"
+            elif mapping:
+                line += "  (no target: routes freely)"
+            click.echo(line)
     if layer["top_pairs"]:
         pairs = ", ".join(f"{a}+{b} {100 * p['share']:.0f}%" + (f" (lift {p['lift']:.2f})" if p["lift"] else "")
                           for p in layer["top_pairs"][:3] for a, b in [p["experts"]])

@@ -16,10 +16,13 @@ from tinymoe.cli.import_cmd import import_cmd
 from tinymoe.cli.inspect import inspect_cmd
 from tinymoe.cli.plan import plan
 from tinymoe.cli.plot import plot
+from tinymoe.cli.probe import probe
 from tinymoe.cli.quantize import quantize
 from tinymoe.cli.route import route
 from tinymoe.cli.sample import sample
 from tinymoe.cli.selftest import selftest
+from tinymoe.cli.sweep import sweep
+from tinymoe.cli.compare import compare
 from tinymoe.cli.teacher_cache import teacher_cache
 from tinymoe.cli.train import train
 from tinymoe.cli.upcycle import upcycle
@@ -82,7 +85,8 @@ def cli():
 
 
 for command in (train, sample, eval_cmd, inspect_cmd, doctor, route, plot, validate_cmd, selftest,
-                upcycle, export, import_cmd, plan, quantize, finetune, teacher_cache):
+                upcycle, export, import_cmd, plan, quantize, finetune, teacher_cache, sweep, compare,
+                probe):
     cli.add_command(command)
 
 

@@ -20,8 +20,13 @@ from tinymoe.names import (OPTIMIZER_STATE_DTYPES, OPTIMIZERS, PARAM_DTYPES, TEA
 @click.option("--context", type=click.IntRange(1, MAX_INT), default=None, help="Tokens per sequence (default: the preset's context).")
 @click.option("--moe-experts", type=int, default=None, help="Override the experts per MoE layer.")
 @click.option("--moe-topk", type=int, default=None, help="Override the experts each token is routed to.")
-@click.option("--param-dtype", type=click.Choice(PARAM_DTYPES), default="float32",
-              show_default=True, help="Dtype of the weights (and gradients).")
+@click.option("--dtype", "--param-dtype", "param_dtype", type=click.Choice(PARAM_DTYPES), default="float32",
+              show_default=True, help="Dtype of the weights, gradients and activations (train --dtype).")
+@click.option("--checkpoint-activations", default="none", show_default=True,
+              help="--mode train: none, every-layer or every-N (blocks recomputed in the backward pass).")
+@click.option("--fit", "fit_gib", type=FiniteFloat(0, min_open=True), default=None,
+              help="--mode train: the largest model of the preset's shape (and --moe-experts/--moe-topk) "
+              "whose training fits a Mac of this many GiB.")
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=None,
               help="Default: the preset's [train] optimizer (adamw unless it says otherwise).")
 @click.option("--optimizer-state-dtype", type=click.Choice(OPTIMIZER_STATE_DTYPES), default=None,
@@ -61,13 +66,19 @@ from tinymoe.names import (OPTIMIZER_STATE_DTYPES, OPTIMIZERS, PARAM_DTYPES, TEA
               help="--mode teacher-cache: positions to cache (for the cache's size on disk).")
 @click.option("--teacher-cache", "teacher_cache", type=click.Path(), default=None,
               help="--mode train: the teacher cache the run reads (memory-mapped; its reads per step).")
+@click.option("--ranks", type=click.IntRange(2, MAX_INT), default=None,
+              help="--mode train: one rank's memory and the bytes it sends per step when N ranks train together "
+              "(mlx.launch; --batch-size is the global batch). docs/distributed.md.")
+@click.option("--expert-parallel", type=click.IntRange(1, MAX_INT), default=1, show_default=True,
+              help="With --ranks: experts split over this many ranks (1 or --ranks).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @user_errors
 def plan(preset, mode, batch_size, context, moe_experts, moe_topk, param_dtype, optimizer, optimizer_state_dtype,
          expert_state_fraction, resident_experts, memory_gib, usable_fraction, prompt_tokens, as_json, bits=None,
          group_size="64", source=None, finetune=None, lora_rank=8, lora_targets="attention,experts,router",
          full_router=False, published=False, cache_k=32, cache_method="topk", cache_dtype="float16",
-         cache_tokens=None, teacher_cache=None):
+         cache_tokens=None, teacher_cache=None, checkpoint_activations="none", fit_gib=None, ranks=None,
+         expert_parallel=1):
     """Print parameter counts and the memory a run of PRESET needs, and whether it fits."""
     from tinymoe.backend import mac_memory_facts
     from tinymoe.config import apply_overrides, load_preset, validate
@@ -93,10 +104,40 @@ def plan(preset, mode, batch_size, context, moe_experts, moe_topk, param_dtype, 
     machine_gib, machine_fraction, limit_source = machine_budget(mac_memory_facts())
     if memory_gib is not None or usable_fraction is not None:
         limit_source = "as given by --memory-gib/--usable-fraction"
+    from tinymoe.precision_check import checkpoint_every
+
+    every = checkpoint_every(checkpoint_activations, model_cfg.n_layers if fit_gib is None else None)
+    if ranks is not None or expert_parallel > 1:
+        from tinymoe.cli.common import UserError
+        from tinymoe.distributed_plan import format_ranks, plan_ranks
+
+        if ranks is None or mode != "train" or fit_gib is not None:
+            raise UserError("--ranks/--expert-parallel plan training (--mode train, no --fit); --expert-parallel "
+                            "needs --ranks")
+        result = plan_ranks(model_cfg, ranks=ranks, expert_parallel=expert_parallel, batch=batch,
+                            grad_accum=train_cfg.grad_accum, context=context, param_dtype=param_dtype,
+                            optimizer=optimizer, state_dtype=optimizer_state_dtype, checkpoint_every=every,
+                            memory_gib=memory_gib or machine_gib, usable_fraction=usable_fraction or machine_fraction,
+                            limit_source=limit_source)
+        if as_json:
+            print_json({"preset": preset, **result})
+        else:
+            click.echo(format_ranks(result, f"preset {preset}"))
+        return
+    if fit_gib is not None:
+        if mode != "train":
+            from tinymoe.cli.common import UserError
+
+            raise UserError("--fit finds the largest model that trains: it goes with --mode train")
+        return _fit(preset, model_cfg, fit_gib, usable_fraction or 0.75, as_json, batch=batch, context=context,
+                    param_dtype=param_dtype, optimizer=optimizer, state_dtype=optimizer_state_dtype,
+                    expert_state_fraction=expert_state_fraction, checkpoint_every=every,
+                    grad_accum=train_cfg.grad_accum)
     result = make_plan(model_cfg, mode=mode, batch=batch, context=context, param_dtype=param_dtype,
                        optimizer=optimizer, state_dtype=optimizer_state_dtype,
                        expert_state_fraction=expert_state_fraction, resident_experts=resident_experts, prompt_tokens=prompt_tokens,
-                       quant_bits=int(bits or 0), group_size=int(group_size),
+                       quant_bits=int(bits or 0), group_size=int(group_size), checkpoint_every=every,
+                       grad_accum=train_cfg.grad_accum if mode == "train" else 1,
                        memory_gib=memory_gib or machine_gib, usable_fraction=usable_fraction or machine_fraction,
                        limit_source=limit_source)
     if as_json:
@@ -107,6 +148,19 @@ def plan(preset, mode, batch_size, context, moe_experts, moe_topk, param_dtype, 
             from tinymoe.cli.plan_distill import cache_read_lines
 
             click.echo("\n".join(cache_read_lines(teacher_cache, batch, context or model_cfg.context)))
+
+
+def _fit(preset, model_cfg, memory_gib, usable_fraction, as_json, **plan_kwargs):
+    """`--fit GIB`: tinymoe.fit_plan's largest preset-shaped model that trains in GIB."""
+    from tinymoe.config import to_dict
+    from tinymoe.fit_plan import format_fit, largest_that_fits
+
+    best = largest_that_fits(model_cfg, memory_gib, usable_fraction=usable_fraction, **plan_kwargs)
+    if as_json:
+        print_json({"preset": preset, "memory_gib": memory_gib, "usable_fraction": usable_fraction,
+                    "model": to_dict(best["config"]) if best else None, "plan": best["plan"] if best else None})
+    else:
+        click.echo(format_fit(best, memory_gib, usable_fraction, f"{preset}-shaped model"))
 
 
 def _plan_model(source, mode, finetune, published, batch_size, context, param_dtype, bits, group_size, rank,

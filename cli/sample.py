@@ -35,12 +35,17 @@ from tinymoe.names import DISPATCH_CHOICES
 @click.option("--resident-experts", type=click.IntRange(min=1), default=None,
               help="Keep at most N experts per MoE layer in memory (LRU, read on demand from the "
                    "memory-mapped checkpoint); reports the cache hit rate.")
+@click.option("--domain", default=None, help="A run with domain experts (docs/domains.md): route every token "
+              "within this domain's experts; auto lets the run's secretary pick it from the prompt.")
+@click.option("--load-domain-experts-only", "domain_only", is_flag=True,
+              help="With --domain: read only that domain's experts from the memory-mapped checkpoint "
+                   "(plus the non-expert weights); reports the bytes read and resident memory.")
 @click.option("--json", "as_json", is_flag=True, help="Print {prompt, text, tokens, tokens_per_s, prefill_tokens_per_s, "
               "decode_tokens_per_s} as JSON "
               "(with --show-routing also routing: {layers, tokens: [{id, text, experts, gates, prompt}]}).")
 @user_errors
 def sample(checkpoint, prompt, max_tokens, temperature, top_k, top_p, seed, dispatch, show_routing, layer,
-           color, as_json, resident_experts=None):
+           color, as_json, resident_experts=None, domain=None, domain_only=False):
     """Generate text from CHECKPOINT (a checkpoint or run directory)."""
     from tinymoe.io.loader import load_model
     from tinymoe.run.readers import read_latest
@@ -50,7 +55,12 @@ def sample(checkpoint, prompt, max_tokens, temperature, top_k, top_p, seed, disp
     from tinymoe.tokenizers.stream import StreamDecoder
 
     caches = None
-    if resident_experts is not None:
+    chosen = None  # the domain routing, when --domain is given
+    if domain_only and (domain is None or resident_experts is not None):
+        raise UserError("--load-domain-experts-only needs --domain NAME|auto (and not --resident-experts)")
+    if domain_only:
+        model, manifest, tokenizer, chosen = _load_domain_only(checkpoint, domain, prompt, dispatch)
+    elif resident_experts is not None:
         from tinymoe.infer.offload import load_model_offloaded
 
         if show_routing:  # the offloaded layers see renumbered expert ids
@@ -59,11 +69,17 @@ def sample(checkpoint, prompt, max_tokens, temperature, top_k, top_p, seed, disp
             checkpoint, lambda c: load_model_offloaded(c, resident_experts, dispatch))
     else:
         model, manifest, tokenizer, _ = read_latest(checkpoint, lambda c: load_model(c, dispatch))
+    if domain is not None and chosen is None:
+        if resident_experts is not None:
+            raise UserError("--domain cannot be combined with --resident-experts")
+        chosen = _route_domain(model, tokenizer, domain, prompt)
     require_causal(model.cfg)  # before any output: expert-choice routing cannot generate
     prompt = clean_text(prompt)  # bytes that are not UTF-8 become U+FFFD (docs/errors.md)
     prompt_ids = tokenizer.encode(prompt or "\n")
     if not prompt_ids:
         raise UserError("the prompt encodes to no tokens")
+    if chosen is not None and not as_json:
+        click.echo(domain_note(chosen), err=True)
     if show_routing:
         column = pick_layer(model, layer)
         return _sample_routed(model, tokenizer, prompt, prompt_ids, column, color, as_json,
@@ -93,12 +109,64 @@ def sample(checkpoint, prompt, max_tokens, temperature, top_k, top_p, seed, disp
     speeds = phase_speeds(timing)
     if as_json:
         print_json({"prompt": prompt, "text": text, "tokens": len(generated), "tokens_per_s": round(tok_s, 1),
-                    **speeds, **({"expert_cache": stats} if stats else {})})
+                    **speeds, **({"expert_cache": stats} if stats else {}),
+                    **({"domain": chosen} if chosen is not None else {})})
         return
     click.echo(stream.flush())
     cache_note = (f", expert cache hit rate {stats['hit_rate']:.1%} ({stats['misses']} loads)"
                   if stats and stats["hit_rate"] is not None else "")
     click.echo(f"\n[{len(generated)} tokens, {tok_s:.1f} tokens/s: {phase_note(speeds)}{cache_note}]", err=True)
+
+
+def _route_domain(model, tokenizer, domain: str, prompt: str) -> dict:
+    """Fix a fully loaded model's routing to `domain` (or the secretary's choice): {"domain", ...}."""
+    from tinymoe.domains import experts_of
+    from tinymoe.nn.domain import set_domain
+
+    if getattr(model, "domain_routing", None) is None:
+        raise UserError("--domain: this run has no domain experts (train with --domain-experts)")
+    chosen = _pick_domain(model, tokenizer, domain, prompt)
+    experts_of({"experts": model.domain_routing.experts}, chosen["domain"])  # a known name, or one line
+    set_domain(model, chosen["domain"])
+    return chosen
+
+
+def _pick_domain(model, tokenizer, domain: str, prompt: str) -> dict:
+    from tinymoe.nn.domain import predict_domain
+    from tinymoe.text_input import clean_text
+
+    if domain != "auto":
+        return {"domain": domain, "by": "flag"}
+    if "secretary" not in model:
+        raise UserError("--domain auto needs a run trained with --secretary")
+    name, prob = predict_domain(model, tokenizer.encode(clean_text(prompt) or "\n"))
+    return {"domain": name, "by": "secretary", "probability": round(prob, 4)}
+
+
+def _load_domain_only(checkpoint, domain: str, prompt: str, dispatch: str):
+    """(model with only the domain's experts, manifest, tokenizer, domain record)."""
+    from tinymoe.infer.domain_load import load_domain_experts, open_domain_model, resident_bytes
+    from tinymoe.planner import plan
+    from tinymoe.run.readers import read_latest
+
+    model, mapped, manifest, tokenizer, _ = read_latest(checkpoint, lambda c: open_domain_model(c, dispatch))
+    chosen = _pick_domain(model, tokenizer, domain, prompt)
+    loaded = load_domain_experts(model, mapped, manifest, chosen["domain"])
+    planned = plan(model.cfg, mode="sample", resident_experts=len(loaded["experts"]))["bytes"]["weights"]
+    return model, manifest, tokenizer, {**chosen, **loaded, "planned_weight_bytes": planned,
+                                        "resident_bytes": resident_bytes()}
+
+
+def domain_note(chosen: dict) -> str:
+    how = f"secretary, p={chosen['probability']:.2f}" if chosen["by"] == "secretary" else "--domain"
+    note = f"[domain {chosen['domain']} ({how})"
+    if "expert_bytes_read" in chosen:
+        mib = lambda b: f"{b / 2**20:.2f} MiB"  # noqa: E731
+        rss = f", process resident {mib(chosen['resident_bytes'])}" if chosen["resident_bytes"] else ""
+        note += (f"; read experts {', '.join(map(str, chosen['experts']))}: {mib(chosen['expert_bytes_read'])} of "
+                 f"{mib(chosen['expert_bytes_total'])} expert bytes; weights held {mib(chosen['weight_bytes'])} "
+                 f"(plan: {mib(chosen['planned_weight_bytes'])}) + secretary {chosen['secretary_bytes']} B{rss}")
+    return note + "]"
 
 
 def phase_speeds(timing: dict) -> dict:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import click
 
 from tinymoe.cli.common import FINITE, SEED, OutDir, UserError, print_json, user_errors
+from tinymoe.domains import DOMAIN_MODES
 from tinymoe.errors import TinyMoeError
 from tinymoe.cli.run_plan import run_plan
-from tinymoe.names import DISPATCH_CHOICES, LOSS_ON, OPTIMIZER_STATE_DTYPES, OPTIMIZERS
+from tinymoe.names import DISPATCH_CHOICES, LOSS_ON, LOSS_SCALES, OPTIMIZER_STATE_DTYPES, OPTIMIZERS, TRAIN_DTYPES
 from tinymoe.router_registry import ROUTERS, option_users
 
 
@@ -70,6 +71,17 @@ TRAIN_FLAGS = {
                       "docs/distill.md)."),
     "distill_weight": (float, "With --teacher-cache: loss = w * KD + (1 - w) * CE (default 0.5 with a cache)."),
     "distill_temperature": (float, "With --teacher-cache: temperature of the KD term (KL at T, times T^2)."),
+    "dtype": (click.Choice(TRAIN_DTYPES), "Weights, gradients and compute; routers and the loss stay float32 "
+              "(docs/memory.md)."),
+    "loss_scale": (click.Choice(LOSS_SCALES), "Dynamic loss scaling (auto: on for float16)."),
+    "domain_experts": (str, "Domain experts: NAME=RANGE,... gives each data domain (--data NAME=PATH) its "
+                       "experts, e.g. code=0-3,prose=4-7 (docs/domains.md)."),
+    "domain_weight": (float, "Weight of the router supervision loss that pushes each token's routing mass "
+                      "onto its domain's experts."),
+    "domain_mode": (click.Choice(DOMAIN_MODES), "soft: supervision loss only; hard: a token routes only "
+                    "within its domain's experts."),
+    "checkpoint_activations": (str, "none, every-layer or every-N: recompute blocks in the backward pass "
+                               "to save activation memory."),
 }
 DEFAULT_PRESET = "tiny"
 
@@ -127,11 +139,21 @@ def _flag_options(fn):
 @click.option("--stages", "stages_file", type=click.Path(), default=None,
               help="Train in the stages of this TOML file ([[stage]] tables: steps, data, weights, trained "
                    "groups, lr scale, loss; docs/stages.md). Replaces --data and --steps.")
+@click.option("--secretary/--no-secretary", "secretary", default=None,
+              help="With --domain-experts: train a domain classifier for sample --domain auto.")
+@click.option("--distributed", is_flag=True, help="Join the group of ranks a launcher started (mlx.launch does it "
+              "by itself; this makes failing to join an error). docs/distributed.md.")
+@click.option("--expert-parallel", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Under mlx.launch: split every MoE layer's experts over this many ranks (1 = every rank holds "
+                   "all experts: data parallel only). docs/distributed.md.")
+@click.option("--rank-timeout", type=click.FloatRange(min=0), default=None,
+              help="Distributed runs: stop when no step completes for this many seconds (a hung peer; "
+                   "default 900, 0 = never).")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
 @user_errors
 def train(preset, data, out, resume, router_norm, dispatch, sets, keep, extend_steps, allow_data_change, overwrite,
-          quiet, as_json, **flags):
+          distributed, expert_parallel, rank_timeout, quiet, as_json, **flags):
     """Train a (Mixture-of-Experts) language model and write checkpoints to --out.
 
     Every setting comes from --preset unless a flag gives it; [tiny: N] below is the value
@@ -141,6 +163,9 @@ def train(preset, data, out, resume, router_norm, dispatch, sets, keep, extend_s
 
     model_over = {k: v for k, v in flags.items() if k in MODEL_FLAGS and v is not None}
     train_over = {k: v for k, v in flags.items() if k in TRAIN_FLAGS and v is not None}
+    if flags.get("secretary") is not None:
+        train_over["secretary"] = flags["secretary"]
+    flags.pop("secretary", None)
     if router_norm is not None:
         model_over["router_norm"] = router_norm
     if dispatch is not None:
@@ -159,6 +184,13 @@ def train(preset, data, out, resume, router_norm, dispatch, sets, keep, extend_s
         raise UserError("--init starts a new run and --resume continues one; pass only one of them")
     if (extend_steps or allow_data_change) and not resume:
         raise UserError("--extend-steps and --allow-data-change apply to --resume only")
+    ranks = _join(distributed, rank_timeout, expert_parallel)
+    if ranks is not None:
+        if init_from:
+            raise UserError("--init does not run distributed yet; start the run in one process, then --resume it "
+                            "under mlx.launch")
+        if not ranks.writer:  # rank 0 speaks for the group
+            quiet, as_json = True, False
     weights_only = None
     if resume:
         from tinymoe.interop.init_state import weights_only_run_dir
@@ -185,7 +217,7 @@ def train(preset, data, out, resume, router_norm, dispatch, sets, keep, extend_s
 
         prepared = resume_run(resume, out, model_over, train_over, keep=keep, extend_steps=extend_steps or 0,
                               allow_data_change=allow_data_change, overwrite=overwrite, progress=not quiet,
-                              stages_file=stages_file)
+                              stages_file=stages_file, ranks=ranks)
         return _train(prepared, quiet, as_json)
     if not out:
         raise UserError("--out is required (the run folder to create), or use --resume DIR")
@@ -196,8 +228,24 @@ def train(preset, data, out, resume, router_norm, dispatch, sets, keep, extend_s
     train_cfg = apply_overrides(train_cfg, _distill_default(train_over), "flag")
     validate(model_cfg, train_cfg)
     prepared = new_run(model_cfg, train_cfg, out, overwrite=overwrite, keep=keep, progress=not quiet,
-                       stages_file=stages_file)
+                       stages_file=stages_file, ranks=ranks)
     _train(prepared, quiet, as_json)
+
+
+def _join(distributed: bool, rank_timeout: float | None, expert_parallel: int):
+    """The data-parallel group under mlx.launch (or --distributed), else None: a single process
+    never initialises mx.distributed."""
+    from tinymoe.distributed_plan import launched
+
+    if not (distributed or launched()):
+        if rank_timeout is not None or expert_parallel > 1:
+            flag = "--rank-timeout" if rank_timeout is not None else "--expert-parallel"
+            raise UserError(f"{flag} applies to distributed runs only: start the ranks with mlx.launch "
+                            f"(docs/distributed.md)")
+        return None
+    from tinymoe.train.distributed import DEFAULT_TIMEOUT_S, join
+
+    return join(distributed, DEFAULT_TIMEOUT_S if rank_timeout is None else rank_timeout, expert_parallel)
 
 
 def _distill_default(train_over: dict) -> dict:
@@ -242,7 +290,7 @@ def _train(prepared, quiet, as_json):
 
     trainer, run_dir = prepared.trainer, prepared.run_dir
     model_cfg = trainer.cfg
-    params = count_params(trainer.model)
+    params = getattr(trainer, "full_params", None) or count_params(trainer.model)  # all ranks' experts
     if not quiet:
         kind = (f"MoE {model_cfg.moe_experts} experts top-{model_cfg.moe_topk}, router {model_cfg.router}"
                 + (f", {model_cfg.shared_experts} shared" if model_cfg.shared_experts else "")

@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # (Layer 0 is ordered within itself too: see FOUNDATION.)
 LAYERS = [
     ("foundation", ["tinymoe", "tinymoe.errors", "tinymoe.paths", "tinymoe.backend", "tinymoe.names", "tinymoe.jsonutil",
-                    "tinymoe.quick", "tinymoe.text_input", "tinymoe.router_registry", "tinymoe.config", "tinymoe.stages",
-                    "tinymoe.planner", "tinymoe.finetune_plan", "tinymoe.memory_check", "tinymoe.distill_plan"]),
+                    "tinymoe.quick", "tinymoe.text_input", "tinymoe.router_registry", "tinymoe.domains",
+                    "tinymoe.precision_check", "tinymoe.config", "tinymoe.stages", "tinymoe.planner", "tinymoe.fit_plan", "tinymoe.finetune_plan", "tinymoe.memory_check", "tinymoe.distill_plan",
+                    "tinymoe.distributed_plan"]),
     ("parts", ["tinymoe.nn", "tinymoe.optim", "tinymoe.tokenizers"]),
     ("stores", ["tinymoe.data", "tinymoe.io"]),
     ("workflows", ["tinymoe.train", "tinymoe.infer", "tinymoe.analysis", "tinymoe.interop"]),
@@ -27,8 +28,9 @@ LAYERS = [
 ]
 # Inside the foundation, each module may import only the ones listed before it.
 FOUNDATION = ["tinymoe.errors", "tinymoe.paths", "tinymoe.names", "tinymoe.jsonutil", "tinymoe.quick", "tinymoe.text_input", "tinymoe.backend",
-              "tinymoe", "tinymoe.router_registry", "tinymoe.config", "tinymoe.stages", "tinymoe.planner",
-              "tinymoe.finetune_plan", "tinymoe.memory_check", "tinymoe.distill_plan"]
+              "tinymoe", "tinymoe.router_registry", "tinymoe.domains", "tinymoe.precision_check", "tinymoe.config",
+              "tinymoe.stages", "tinymoe.planner", "tinymoe.fit_plan",
+              "tinymoe.finetune_plan", "tinymoe.memory_check", "tinymoe.distill_plan", "tinymoe.distributed_plan"]
 # Imported before a command runs (`tinymoe --help`, argument parsing, config checks, planning).
 MLX_FREE = [*FOUNDATION, "tinymoe.interop.hf_config", "tinymoe.cli.main"]
 

@@ -21,7 +21,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from tinymoe.domains import check_domain_settings
 from tinymoe.errors import TinyMoeError
+from tinymoe.precision_check import check_precision_settings
 from tinymoe.names import DISPATCH_CHOICES, LOSS_ON, OPTIMIZER_STATE_DTYPES, OPTIMIZERS
 from tinymoe.router_registry import check_router
 
@@ -125,6 +127,15 @@ class TrainConfig:
     teacher_cache: str = ""  # the cache folder ("" = no teacher)
     distill_weight: float = 0.0
     distill_temperature: float = 1.0
+    # Domain experts (docs/domains.md; tinymoe.domains): which experts each data domain owns.
+    domain_experts: str = ""  # NAME=RANGE,... e.g. code=0-3,prose=4-7 ("" = none)
+    domain_weight: float = 0.0  # weight of the router supervision loss
+    domain_mode: str = "soft"  # soft (a loss) | hard (other experts masked out)
+    secretary: bool = False  # train a domain classifier for sample --domain auto
+    # Mixed precision and activation checkpointing (docs/memory.md; tinymoe.precision_check).
+    dtype: str = "float32"  # weights, gradients and compute; routers and the loss stay float32
+    loss_scale: str = "auto"  # auto (dynamic for float16) | dynamic | none
+    checkpoint_activations: str = "none"  # none | every-layer | every-N (blocks recomputed in backward)
 
 
 PRESET_SECTIONS = {"model": ModelConfig, "train": TrainConfig}
@@ -296,6 +307,8 @@ def validate(model: ModelConfig, train: TrainConfig | None = None) -> None:
         raise TinyMoeError(f"distill_temperature must be at least 0.01, got {train.distill_temperature}")
     if train.distill_weight > 0 and not train.teacher_cache:
         raise TinyMoeError("distill_weight needs a teacher cache (--teacher-cache DIR, built by tinymoe teacher-cache)")
+    check_domain_settings(model, train)
+    check_precision_settings(model, train)
 
 
 def to_dict(cfg) -> dict:

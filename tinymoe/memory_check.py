@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tinymoe.errors import TinyMoeError
 from tinymoe.planner import GIB, param_counts, plan
+from tinymoe.precision_check import checkpoint_every
 
 # Each block is a handful of Python objects and small MLX arrays besides its weights: measured
 # 20-100 KiB per block on Linux/MLX 0.32 (5000 tiny blocks), so 10**6 layers cost gigabytes alone.
@@ -56,14 +57,17 @@ def machine_memory_bytes() -> int | None:
 
 
 def require_fits(cfg, *, mode: str = "train", batch: int = 1, context: int | None = None,
-                 optimizer: str = "adamw", state_dtype: str = "float32", what: str = "the model") -> None:
+                 optimizer: str = "adamw", state_dtype: str = "float32", what: str = "the model",
+                 param_dtype: str = "float32", checkpoint_every: int = 0, grad_accum: int = 1) -> None:
     """Raise TinyMoeError when `cfg` (run as `mode`) needs more than this machine's memory.
     Call it after `config.validate` (the planner assumes a valid config)."""
     available = machine_memory_bytes()
     if available is None:
         return
     result = plan(cfg, mode=mode, batch=batch, context=context, optimizer=optimizer, state_dtype=state_dtype,
-                  memory_gib=available / GIB, usable_fraction=1.0)
+                  param_dtype=param_dtype, checkpoint_every=checkpoint_every, grad_accum=grad_accum,
+                  memory_gib=available / GIB,
+                  usable_fraction=1.0)
     needed = result["total_bytes"] + cfg.n_layers * PER_BLOCK_OVERHEAD_BYTES
     if needed > available:
         params = param_counts(cfg).total
@@ -77,7 +81,9 @@ def require_fits(cfg, *, mode: str = "train", batch: int = 1, context: int | Non
 def require_train_fits(model_cfg, train_cfg, what: str = "the model") -> None:
     """`require_fits` for a training run with these settings."""
     require_fits(model_cfg, mode="train", batch=train_cfg.batch_size, optimizer=train_cfg.optimizer,
-                 state_dtype=train_cfg.optimizer_state_dtype, what=what)
+                 state_dtype=train_cfg.optimizer_state_dtype, what=what,
+                 param_dtype=getattr(train_cfg, "dtype", "float32"), grad_accum=getattr(train_cfg, "grad_accum", 1),
+                 checkpoint_every=checkpoint_every(getattr(train_cfg, "checkpoint_activations", "none")))
 
 
 def layers_memory_allows() -> int | None:

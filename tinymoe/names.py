@@ -16,6 +16,10 @@ OPTIMIZER_STATE_DTYPES = ("float32", "bfloat16")
 # Parameter dtypes the planner knows the size of, with their bytes per element.
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 PARAM_DTYPES = tuple(DTYPE_BYTES)
+# Mixed precision (tinymoe.nn.precision): the training dtype of weights and compute, and the loss
+# scaling float16 needs (auto: dynamic for float16, none otherwise).
+TRAIN_DTYPES = PARAM_DTYPES
+LOSS_SCALES = ("auto", "dynamic", "none")
 
 # MoE dispatch backends of tinymoe.nn.dispatch; `auto` resolves to one of them by device.
 DISPATCH_BACKENDS = ("dense", "gather", "grouped", "metal")

@@ -27,6 +27,8 @@ import math
 
 import numpy as np
 
+from tinymoe.data.batches import spread_windows  # the windows validation scores too
+
 DEAD_FRACTION = 0.1
 
 
@@ -147,17 +149,6 @@ class LayerAccumulator:
 
 
 # ----------------------------------------------------------------------------- running a model
-
-
-def spread_windows(n_tokens: int, context: int, max_windows: int | None) -> np.ndarray:
-    """Start offsets of non-overlapping context windows, spread evenly over the whole stream
-    when only `max_windows` fit, so a stream laid out domain after domain shows every domain."""
-    n_windows = max(0, (n_tokens - 1) // context)
-    if max_windows is None or n_windows <= max_windows:
-        chosen = np.arange(n_windows)
-    else:
-        chosen = np.unique(np.linspace(0, n_windows - 1, max(1, max_windows)).round().astype(np.int64))
-    return chosen * context  # (W,)
 
 
 def routing_stats(model, tokens: np.ndarray, batch_size: int, context: int, max_batches: int | None = None,

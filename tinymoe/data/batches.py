@@ -62,14 +62,16 @@ class BatchSampler:
     batch is (inputs, targets, target mask (B, L)), else (inputs, targets). With a `teacher`
     cache (tinymoe.data.teacher_cache) over the same stream, each batch is (inputs, targets,
     target mask or ones, teacher ids, log-probabilities, rest), the teacher's predictions read at
-    the inputs' stream positions (the prediction at p is for the token at p + 1, the target)."""
+    the inputs' stream positions (the prediction at p is for the token at p + 1, the target).
+    With per-token `domains` (N,) (domain experts), each batch gains a last item: the inputs'
+    domain ids (B, L) int32. Domains draw no random numbers: the sampler state is the same."""
 
     def __init__(self, tokens: np.ndarray, batch_size: int, context: int, seed: int, mask: np.ndarray | None = None,
-                 teacher=None):
+                 teacher=None, domains: np.ndarray | None = None):
         if batch_size < 1 or context < 1:
             raise TinyMoeError(f"batch_size {batch_size} and context {context} must both be >= 1")
         _check_window(int(tokens.shape[0]), context)
-        self.tokens, self.mask, self.teacher = tokens, mask, teacher
+        self.tokens, self.mask, self.teacher, self.domains = tokens, mask, teacher, domains
         self.batch_size = batch_size
         self.context = context
         self.seed = int(seed)
@@ -77,12 +79,19 @@ class BatchSampler:
         self._rng = np.random.Generator(np.random.PCG64(self.seed))
         self._offsets = np.arange(context + 1, dtype=np.int64)  # (L+1,)
 
-    def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
+    def next_batch(self) -> tuple:
+        batch = self._next_windows()
+        if self.domains is None:
+            return batch
+        return (*batch, np.asarray(self.domains[self._last_index[:, :-1]], dtype=np.int32))
+
+    def _next_windows(self) -> tuple[np.ndarray, np.ndarray]:
         n_starts = int(self.tokens.shape[0]) - self.context  # last start leaves L+1 tokens
         starts = self._rng.integers(0, n_starts, size=self.batch_size)  # (B,)
         index = starts[:, None] + self._offsets  # (B, L+1)
         windows = np.asarray(self.tokens[index], dtype=np.int32)  # (B, L+1)
         self.batches_drawn += 1
+        self._last_index = index
         if self.teacher is not None:
             mask = (np.asarray(self.mask[index[:, 1:]], dtype=np.float32) if self.mask is not None
                     else np.ones((self.batch_size, self.context), dtype=np.float32))
@@ -140,28 +149,54 @@ class MixSampler(BatchSampler):
         return windows[:, :-1], windows[:, 1:], masks
 
 
+class ShardedSampler:
+    """One rank's rows of another sampler's batches: every rank draws the same global batch (the
+    same seed and state) and keeps rows [rank * B/N, (rank + 1) * B/N) of each array, so N ranks
+    together train on exactly the batch one process would. Its state is the wrapped sampler's."""
+
+    def __init__(self, sampler: BatchSampler, rank: int, size: int):
+        if sampler.batch_size % size:
+            raise TinyMoeError(f"batch_size {sampler.batch_size} does not split over {size} ranks: each rank "
+                               f"takes an equal share of every batch (use a multiple of {size})")
+        self.sampler, self.rank, self.size = sampler, rank, size
+        self.rows = sampler.batch_size // size
+
+    def next_batch(self) -> tuple:
+        first = self.rank * self.rows
+        return tuple(a[first:first + self.rows] for a in self.sampler.next_batch())
+
+    def state(self) -> dict:
+        return self.sampler.state()
+
+    def load_state(self, state: dict) -> None:
+        self.sampler.load_state(state)
+
+    @property
+    def batches_drawn(self) -> int:
+        return self.sampler.batches_drawn
+
+
 def eval_batches(tokens: np.ndarray, batch_size: int, context: int, max_batches: int | None = None,
                  mask: np.ndarray | None = None):
     """Yield (inputs, targets) over non-overlapping windows that cover the stream once, and the
     targets' mask (b, L) as a third item when `mask` (N,) is given.
 
     Window i reads tokens[i*L : i*L + L + 1]; a final window shorter than that is dropped and the
-    last batch may have fewer than batch_size rows. A stream shorter than one window (an empty
-    validation split, say) yields nothing rather than failing, so callers can report "no data".
-    Argument checks run now, not at the first next()."""
+    last batch may have fewer than batch_size rows. When `max_batches` leaves room for fewer
+    windows than the stream holds, the windows scored are spread evenly over the whole stream
+    (`spread_windows`), not its first ones: a split laid out domain after domain is then scored
+    in every domain, by the trainer's validation and by `tinymoe eval --max-batches` alike.
+    A stream shorter than one window (an empty validation split, say) yields nothing rather than
+    failing, so callers can report "no data". Argument checks run now, not at the first next()."""
     if batch_size < 1 or context < 1:
         raise TinyMoeError(f"batch_size {batch_size} and context {context} must both be >= 1")
-    n_tokens = int(tokens.shape[0])
-    n_windows = max(0, (n_tokens - 1) // context)
-    n_batches = -(-n_windows // batch_size)
-    if max_batches is not None:
-        n_batches = min(n_batches, max(0, int(max_batches)))
+    max_windows = None if max_batches is None else max(0, int(max_batches)) * batch_size
+    starts_W = spread_windows(int(tokens.shape[0]), context, max_windows)  # (W,)
     offsets = np.arange(context + 1, dtype=np.int64)  # (L+1,)
 
     def generate():
-        for batch in range(n_batches):
-            first = batch * batch_size
-            starts = np.arange(first, min(n_windows, first + batch_size), dtype=np.int64) * context
+        for first in range(0, starts_W.size, batch_size):
+            starts = starts_W[first:first + batch_size]
             index = starts[:, None] + offsets  # (b, L+1)
             windows = np.asarray(tokens[index], dtype=np.int32)
             if mask is not None:
@@ -170,3 +205,17 @@ def eval_batches(tokens: np.ndarray, batch_size: int, context: int, max_batches:
                 yield windows[:, :-1], windows[:, 1:]
 
     return generate()
+
+
+def spread_windows(n_tokens: int, context: int, max_windows: int | None) -> np.ndarray:
+    """Start offsets of the non-overlapping windows (context + 1 tokens each, sharing one token
+    with the next) of a stream of `n_tokens`: all of them, or `max_windows` spread evenly over the
+    whole stream when fewer are asked for (0 asks for none). # (W,)"""
+    n_windows = max(0, (n_tokens - 1) // context)
+    if max_windows is None or n_windows <= max_windows:
+        chosen = np.arange(n_windows, dtype=np.int64)
+    elif max_windows <= 0:
+        chosen = np.zeros(0, dtype=np.int64)
+    else:
+        chosen = np.unique(np.linspace(0, n_windows - 1, max_windows).round().astype(np.int64))
+    return chosen * context

@@ -38,6 +38,7 @@ class RunData:
     val_mask: np.ndarray | None = None  # (N_val,)
     streams: dict | None = None  # spec -> Stream, when each spec is its own stream (staged runs)
     long_targets: int = 0  # instruction examples whose targets alone are longer than a window
+    train_domain_ids: np.ndarray | None = None  # (N_train,) index into domain_names (domain experts)
 
     @property
     def has_prompts(self) -> bool:
@@ -65,7 +66,7 @@ def prepare_data(train: TrainConfig, tokenizer=None, context: int | None = None,
         tr, va = split_train_val(data, train.val_fraction)
         return RunData(tokenizer, np.asarray(tr.tokens), np.asarray(va.tokens), data.domain_names, sources,
                        np.asarray(va.domain_ids), np.asarray(tr.mask), np.asarray(va.mask),
-                       long_targets=data.long_targets)
+                       long_targets=data.long_targets, train_domain_ids=np.asarray(tr.domain_ids))
     docs = {spec: read_documents([spec]) for spec in sources}
     tokenizer = _read_tokenizer(train, [d for spec in sources for d in docs[spec]], tokenizer)
     streams, vals, long_targets = {}, [], 0

@@ -86,6 +86,9 @@ def export_hf(checkpoint: str, out: Path, arch: str | None = None, overwrite: bo
     out = Path(out)
     with staged_output(out, "export", overwrite, checkpoint) as tmp:
         config = hf_config_from_model(cfg, arch)
+        from tinymoe.nn.precision import model_dtype
+
+        config["torch_dtype"] = model_dtype(model)  # the checkpoint's training dtype (routers stay float32)
         record = model.__dict__.get("quantization")
         if record:  # mlx-lm's layout: quantized layers carry .scales/.biases, the rest stay float
             config["quantization"] = {"group_size": record["group_size"], "bits": record["bits"], "mode": "affine"}
@@ -127,4 +130,13 @@ def check_with_mlx_lm(model, out: Path) -> float:
         theirs, _ = mlx_lm.load(str(out))
     except Exception as exc:  # mlx-lm raises ValueError/KeyError/... for a directory it rejects
         raise TinyMoeError(f"{out}: mlx-lm cannot load the export: {str(exc).splitlines()[0]}") from None
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    if mx.default_device() == mx.cpu and any(a.dtype in (mx.bfloat16, mx.float16)
+                                             for _, a in tree_flatten(model.parameters())):
+        # MLX's CPU gather_mm (mlx-lm's experts) is float32 only: compare both upcast, which
+        # still checks every tensor's name, layout and value.
+        theirs.set_dtype(mx.float32)
+        model.set_dtype(mx.float32)
     return max_abs_diff(tinymoe_logits(model, tokens), theirs(tokens))

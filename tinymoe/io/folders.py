@@ -31,7 +31,7 @@ from tinymoe.errors import TinyMoeError
 
 MARKER = "tinymoe.json"
 LOCK_FILE = "train.lock"  # a run's writer lock (tinymoe.run.lock), named here for the readers in io
-KINDS = ("run", "export", "teacher-cache")
+KINDS = ("run", "export", "teacher-cache", "sweep")
 MARKER_FORMAT = 1
 # Hidden siblings: .NAME.tmp-PID (being written), .old-PID (moved aside), .del-PID (being deleted).
 _LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<what>tmp|old|del)-(?P<pid>\d+)")

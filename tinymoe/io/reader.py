@@ -327,6 +327,14 @@ def model_for_index(cfg: ModelConfig, manifest: dict, ckpt: Path, dispatch: str 
         model = Model(cfg, dispatch)
     except Exception as exc:  # a config that passed validate() but MLX still rejects
         return None, [f"{where}: cannot build the model this config describes ({exc})"]
+    if manifest.get("domains") is not None:  # domain routing and the secretary's weights
+        from tinymoe.domains import read_record
+        from tinymoe.nn.domain import attach_domains
+
+        try:
+            attach_domains(model, read_record(manifest))
+        except TinyMoeError as exc:
+            return None, [f"{where}: {exc}"]
     if "quantization" in manifest:  # packed weights, scales and biases in place of the floats
         from tinymoe.nn.quantize import apply_record
 

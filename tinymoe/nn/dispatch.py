@@ -270,4 +270,12 @@ _FUNCS = {"dense": dense, "gather": gather, "grouped": grouped, "metal": metal}
 
 def run_experts(backend: str, x_TD, indices_TK, gates_TK, w_gate, w_up, w_down) -> mx.array:
     """y (T, D) for tokens x (T, D) routed to experts `indices` (T, K) with weights `gates`."""
+    if backend == "gather" and isinstance(w_gate, mx.array) and w_gate.dtype != mx.float32 and _on_cpu():
+        backend = "grouped"  # MLX 0.32's gather_mm on the CPU is float32 only (a bfloat16 model decoding)
     return _FUNCS[backend](x_TD, mx.stop_gradient(indices_TK), gates_TK, w_gate, w_up, w_down)
+
+
+def _on_cpu() -> bool:
+    from tinymoe.nn.kernels import launch
+
+    return not launch.default_device_is_gpu()

@@ -109,11 +109,11 @@ class Block(nn.Module):
         else:
             self.ffn = SwiGLU(cfg.d_model, cfg.d_ff, out_scale)
 
-    def __call__(self, x, cache=None, routing=None, key=None, stats=True):
+    def __call__(self, x, cache=None, routing=None, key=None, stats=True, domain=None):
         x = x + self.attn(self.attn_norm(x), cache)
         h = self.ffn_norm(x)
         if self.is_moe:
-            y, losses = self.moe(h, routing, key, stats)
+            y, losses = self.moe(h, routing, key, stats, domain)
             return x + y, losses
         return x + self.ffn(h), None
 
@@ -127,6 +127,7 @@ class Model(nn.Module):
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         if not cfg.tie_embeddings:
             self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.checkpoint_every = 0  # activation checkpointing: every Nth block recomputed (0 = off)
         self.set_dispatch(dispatch)
 
     def set_dispatch(self, name: str) -> str:
@@ -142,12 +143,17 @@ class Model(nn.Module):
         return [i for i, b in enumerate(self.blocks) if b.is_moe]
 
     def __call__(self, tokens_BL, caches: list | None = None, routing: list | None = None, key=None,
-                 stats: bool = True):
+                 stats: bool = True, domains_BL=None):
         """`key`: the training step's random key; each block gets its own split of it (routers
         with training noise use it; None = MLX's global RNG, and no noise in eval mode anyway).
         `stats=False` (sampling, eval mode): aux is {} and the MoE layers route lean, building no
-        losses or statistics (tinymoe.nn.moe); the logits are those of a call with stats."""
+        losses or statistics (tinymoe.nn.moe); the logits are those of a call with stats.
+        `domains_BL`: each token's data domain id (a run with domain experts, tinymoe.nn.domain):
+        hard mode routes within the domain's experts, and aux gains "domain_loss"."""
         x = self.embed(tokens_BL)
+        domain = None
+        if domains_BL is not None and getattr(self, "domain_routing", None) is not None:
+            domain = self.domain_routing.token_masks(domains_BL)
         if not (stats or self.training):
             for i, block in enumerate(self.blocks):
                 x, _ = block(x, caches[i] if caches else None, routing, None, False)
@@ -155,14 +161,29 @@ class Model(nn.Module):
         keys = mx.random.split(key, len(self.blocks)) if key is not None else [None] * len(self.blocks)
         aux = {name: mx.array(0.0) for name in LAYER_LOSSES}  # summed over MoE layers
         aux.update({name: [] for name in LAYER_STATS})  # one entry per MoE layer
+        if domain is not None:
+            aux["domain_loss"] = mx.array(0.0)
         for i, block in enumerate(self.blocks):
-            x, losses = block(x, caches[i] if caches else None, routing, keys[i])
+            x, losses = self.checkpointed(i)(x, caches[i] if caches else None, routing, keys[i], domain=domain)
             if losses is not None:
                 for name in LAYER_LOSSES:
                     aux[name] = aux[name] + losses[name]
+                if domain is not None:
+                    aux["domain_loss"] = aux["domain_loss"] + losses["domain_loss"]
                 for name in LAYER_STATS:
                     aux[name].append(losses[name])
         return self.logits(x), aux
+
+    def set_checkpointing(self, every: int) -> None:
+        """Recompute every `every`th block in the backward pass (1: all of them; 0: none)."""
+        self.checkpoint_every = every
+
+    def checkpointed(self, i: int):
+        """Block i, or in training with checkpointing on, block i as tinymoe.nn.model.checkpoint_block."""
+        every = self.checkpoint_every
+        if every and self.training and (i + 1) % every == 0:
+            return checkpoint_block(self.blocks[i])
+        return self.blocks[i]
 
     def logits(self, x):
         x = self.norm(x)
@@ -170,6 +191,26 @@ class Model(nn.Module):
 
     def make_caches(self) -> list[KVCache]:
         return [KVCache() for _ in self.blocks]
+
+
+def checkpoint_block(block: Block):
+    """`block` as an `mx.checkpoint`ed function: the forward keeps only the block's inputs and
+    outputs, the backward runs the block again and differentiates that. Its weights are explicit
+    inputs so their gradients flow through the checkpoint; the random key (and any domain masks)
+    are closed over, not inputs: nothing differentiates a random draw, and the recomputation then
+    draws the same noise, so a noisy router picks the same experts twice. (Training calls only:
+    no KV cache.)"""
+    def run(x, cache=None, routing=None, key=None, **extra):
+        assert cache is None and routing is None, "activation checkpointing is for training calls"
+
+        def inner(params, x):
+            block.update(params)
+            y, losses = block(x, None, None, key, **extra)
+            return y, (losses if losses is not None else {})
+
+        y, losses = mx.checkpoint(inner)(block.trainable_parameters(), x)
+        return y, (losses if block.is_moe else None)
+    return run
 
 
 def count_params(model: Model) -> dict:

@@ -94,6 +94,10 @@ class MoELayer(nn.Module):
         self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
         self.dispatch = "dense"  # set by Model.set_dispatch; not a parameter
         self.decode_dispatch = "dense"  # for calls of at most DECODE_TOKENS tokens (decoding)
+        # Domain routing (tinymoe.nn.domain), numpy so they are settings, not parameters:
+        self.domain_hard = False  # per-token domains mask the routing (else they only feed domain_loss)
+        self.domain_allowed = None  # (E,) bool: every token routes within this set (sampling --domain)
+        self.expert_slots = None  # (E,) int32: expert id -> row of a partial expert stack (selective loading)
 
     @classmethod
     def from_config(cls, cfg, out_scale: float = 1.0) -> "MoELayer":
@@ -102,14 +106,19 @@ class MoELayer(nn.Module):
         return cls(cfg.d_model, cfg.moe_experts, cfg.moe_topk, cfg.expert_d_ff, cfg.router_norm, out_scale,
                    router=cfg.router, shared_experts=cfg.shared_experts, **options)
 
-    def __call__(self, x: mx.array, routing: list | None = None, key=None, stats: bool = True):
+    def __call__(self, x: mx.array, routing: list | None = None, key=None, stats: bool = True, domain=None):
+        """domain: (allowed (T, E) bool, mapped (T,) float) per-token domain routing: the allowed
+        experts mask the routing when `domain_hard`, and feed `domain_loss` either way."""
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
         T = x_TD.shape[0]
-        if not (stats or routing is not None or self.training or self.eval_capacity_factor):
+        if not (stats or routing is not None or self.training or self.eval_capacity_factor or domain is not None):
             return self.infer(x_TD).reshape(shape), None
-        # Without a key, the plain one-argument call (wrappers such as tinymoe.infer.offload's take x only).
-        route: RoutingResult = self.router(x_TD) if key is None else self.router(x_TD, key)
+        mask = self.route_mask(domain)
+        if mask is not None:
+            route: RoutingResult = self.router(x_TD, key, allowed_TE=mask)
+        else:  # without a key, the plain one-argument call (wrappers such as tinymoe.infer.offload's take x only)
+            route = self.router(x_TD) if key is None else self.router(x_TD, key)
         indices, gates, probs = route.indices, route.gates, route.probs
         kept = route.selected  # (T, K) or None: every slot used
         e, E = self.experts, self.experts.num_experts
@@ -130,10 +139,12 @@ class MoELayer(nn.Module):
                 gates = mx.where(kept, gates, 0.0)  # a dropped slot adds nothing
             backend = self.decode_dispatch if T <= DECODE_TOKENS else self.dispatch
             run = getattr(e, "run_experts", run_experts)  # adapted experts (tinymoe.nn.lora) add their own
-            y = run(backend, x_TD, indices, gates.astype(x.dtype), *e.weights())
+            y = run(backend, x_TD, self.stack_rows(indices), gates.astype(x.dtype), *e.weights())
         if self.num_shared:
             y = y + self.shared(x_TD)
         stats = {name: getattr(route, name) for name in LAYER_LOSSES}
+        if domain is not None:
+            stats["domain_loss"] = domain_loss(probs, *domain)
         stats["drop_rate"] = mx.stop_gradient(drop_rate.astype(mx.float32))
         if kept is None:
             stats["load"], stats["mean_k"] = route.load, mx.array(float(indices.shape[1]))
@@ -151,15 +162,41 @@ class MoELayer(nn.Module):
     def infer(self, x_TD: mx.array) -> mx.array:
         """The layer's output alone, routed lean: the same experts and gates as __call__ in eval
         mode (capacity aside, which `infer` leaves to __call__: it needs the slots in order). # (T, D)"""
-        route: RoutingResult = self.router(x_TD, lean=True)
+        mask = self.route_mask(None)
+        if mask is not None:
+            route: RoutingResult = self.router(x_TD, None, lean=True, allowed_TE=mask)
+        else:
+            route = self.router(x_TD, lean=True)
         e = self.experts
         if route.tokens_EC is not None:
             y = expert_choice_experts(x_TD, route.tokens_EC, route.gates_EC, *e.float_weights())
         else:  # an unused dynamic slot already has gate 0
             backend = self.decode_dispatch if x_TD.shape[0] <= DECODE_TOKENS else self.dispatch
             run = getattr(e, "run_experts", run_experts)
-            y = run(backend, x_TD, route.indices, route.gates.astype(x_TD.dtype), *e.weights())
+            y = run(backend, x_TD, self.stack_rows(route.indices), route.gates.astype(x_TD.dtype), *e.weights())
         return y + self.shared(x_TD) if self.num_shared else y
+
+    def route_mask(self, domain) -> mx.array | None:
+        """The experts routing may use: a fixed domain's set, or the tokens' own sets in hard mode."""
+        if self.domain_allowed is not None:
+            return mx.array(self.domain_allowed)  # (E,)
+        if domain is not None and self.domain_hard:
+            return domain[0]  # (T, E)
+        return None
+
+    def stack_rows(self, indices_TK: mx.array) -> mx.array:
+        """Expert ids as rows of the expert stack: the same unless only some experts are loaded."""
+        if self.expert_slots is None:
+            return indices_TK
+        return mx.array(self.expert_slots)[indices_TK]
+
+
+def domain_loss(probs_TE: mx.array, allowed_TE: mx.array, mapped_T: mx.array) -> mx.array:
+    """Router supervision: mean over tokens with a mapped domain of -ln(routing probability mass on
+    the domain's experts). 0 when all of it is there (always so under a hard mask). # ()"""
+    in_set_T = mx.sum(mx.where(allowed_TE, probs_TE, 0.0), axis=-1)
+    nll_T = -mx.log(mx.maximum(in_set_T, 1e-9))
+    return mx.sum(nll_T * mapped_T) / mx.maximum(mx.sum(mapped_T), 1.0)
 
 
 def needs_key(model) -> bool:

@@ -150,10 +150,32 @@ class Router(nn.Module):
             x = x * mx.random.uniform(1.0 - eps, 1.0 + eps, x.shape, key=key)
         return x @ self.weight.astype(mx.float32).T  # (T, E)
 
-    def __call__(self, x_TD: mx.array, key=None, lean: bool = False):
+    def __call__(self, x_TD: mx.array, key=None, lean: bool = False, allowed_TE: mx.array | None = None):
+        """allowed_TE: (T, E) or (E,) bool, domain routing (tinymoe.nn.domain): a token may pick
+        only its allowed experts; the others get probability 0 and are never selected."""
+        if allowed_TE is not None:
+            return self.masked(x_TD, key, lean, allowed_TE)
         if self.is_lean(lean):
             return self.lean_softmax_topk(self.logits(x_TD))
         return self.softmax_topk(self.logits(x_TD, key))
+
+    def masked(self, x_TD: mx.array, key, lean: bool, allowed_TE: mx.array):
+        """Routing restricted to the allowed experts: their logits only (the softmax renormalises
+        over them), and selection by a score where every other expert ranks below every allowed
+        one, so a token never leaves its set even if an allowed probability underflows to 0."""
+        logits = mx.where(allowed_TE, self.logits(x_TD, None if self.is_lean(lean) else key), -mx.inf)
+        probs = mx.softmax(logits, axis=-1)  # (T, E): exactly 0 outside the set
+        rank_TE = mx.where(allowed_TE, probs, -1.0)
+        lean = self.is_lean(lean)
+        indices = self.lean_select(rank_TE) if lean else top_k(rank_TE, self.top_k)  # (T, K)
+        if self.order == "topk-softmax":
+            gates = mx.softmax(mx.take_along_axis(logits, indices, axis=-1), axis=-1)
+        else:
+            gates = mx.take_along_axis(probs, indices, axis=-1)
+            gates = _renormalise(gates) if self.norm else gates
+        if lean:
+            return RoutingResult(indices, gates)
+        return RoutingResult(indices, gates, probs, **router_losses(logits, probs, indices, self.num_experts))
 
     def is_lean(self, lean: bool) -> bool:
         """Lean routing is for inference: training always gets the full result (and its noise)."""

@@ -8,7 +8,8 @@ from tinymoe.optim.adafactor import Adafactor
 from tinymoe.optim.sparse_adamw import SparseAdamW
 
 
-def make_optimizer(kind: str, learning_rate, betas, weight_decay: float, state_dtype: str = "float32"):
+def make_optimizer(kind: str, learning_rate, betas, weight_decay: float, state_dtype: str = "float32",
+                   param_dtype: str = "float32"):
     """The trainer's optimizer: mlx's AdamW (the default, compiled), SparseAdamW or Adafactor.
     Adafactor ignores `betas`: it keeps no first moment and its decay follows its step count
     (tinymoe.optim.adafactor)."""
@@ -18,6 +19,10 @@ def make_optimizer(kind: str, learning_rate, betas, weight_decay: float, state_d
                                "(adamw keeps float32 moments)")
         import mlx.optimizers as optim
 
+        if param_dtype != "float32":  # float32 moments, stochastically rounded weights (tinymoe.optim.mixed)
+            from tinymoe.optim.mixed import MixedAdamW
+
+            return MixedAdamW(learning_rate=learning_rate, betas=list(betas), weight_decay=weight_decay)
         return optim.AdamW(learning_rate=learning_rate, betas=list(betas), weight_decay=weight_decay)
     if kind == "sparse-adamw":
         return SparseAdamW(learning_rate, betas=tuple(betas), weight_decay=weight_decay, state_dtype=state_dtype)

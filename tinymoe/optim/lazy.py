@@ -113,11 +113,21 @@ class LazyExpertOptimizer:
         self.step += 1
         params = dict(tree_flatten(parameters))
         grads = dict(tree_flatten(gradients))
+        # Low-precision weights (tinymoe.nn.precision) are updated in float32 and rounded back
+        # stochastically, keyed by (step, tensor index): the same on a resumed run.
+        low = {n: params[n].dtype for n in grads if params[n].dtype in (mx.bfloat16, mx.float16)}
+        for name in low:
+            params[name], grads[name] = params[name].astype(mx.float32), grads[name].astype(mx.float32)
         expert_names = [n for n in grads if is_expert_param(n)]
         out = {name: self._update_dense(name, g, params[name]) for name, g in grads.items()
                if name not in expert_names}
         for name, mask in zip(expert_names, active_experts(grads, expert_names)):
             out[name] = self._update_experts(name, grads[name], params[name], mask)
+        if low:
+            from tinymoe.optim.rounding import round_to
+
+            for i, name in enumerate(sorted(low)):
+                out[name] = round_to(out[name], low[name], mx.array([self.step, i], dtype=mx.uint32))
         return out
 
     def update(self, model, gradients) -> None:

@@ -115,11 +115,17 @@ def _with_plan(train_cfg: TrainConfig, plan: list) -> tuple[TrainConfig, list]:
 
 def new_run(model_cfg: ModelConfig, train_cfg: TrainConfig, out: str | Path, *, overwrite: bool = False,
             keep: int | None = None, progress: bool = True, init: dict | None = None,
-            stages_file: str | None = None) -> PreparedRun:
+            stages_file: str | None = None, ranks=None) -> PreparedRun:
     """A new run in folder `out` (created; an earlier run there is replaced only with overwrite);
-    in the stages of `stages_file` (tinymoe.stages) when given."""
+    in the stages of `stages_file` (tinymoe.stages) when given. ranks: a data-parallel group
+    (tinymoe.train.distributed); its other ranks check and build alike but leave the folder to rank 0."""
     out = Path(out)
     keep = 0 if keep is None else keep
+    if ranks is not None and not ranks.writer:
+        train_cfg = _absolute_paths(train_cfg)
+        validate(model_cfg, train_cfg)
+        return _follower(_make_trainer(model_cfg, train_cfg, out, progress=False, keep=keep, init=init,
+                                       ranks=ranks), out)
     replace = check_output(out, "run", overwrite, resume_hint=True)  # refuse early; deletes nothing
     existed_empty = out.is_dir() and not replace
     train_cfg = _absolute_paths(train_cfg)
@@ -128,7 +134,8 @@ def new_run(model_cfg: ModelConfig, train_cfg: TrainConfig, out: str | Path, *, 
     if stages_file:
         train_cfg, plan = _with_plan(train_cfg, load_stages(stages_file, model_cfg, train_cfg))
     files = data_record(_data_specs(train_cfg))
-    trainer = _make_trainer(model_cfg, train_cfg, out, progress=progress, keep=keep, init=init, stages=plan)
+    trainer = _make_trainer(model_cfg, train_cfg, out, progress=progress, keep=keep, init=init, stages=plan,
+                            ranks=ranks)
     lock = _fresh_folder(out, replace)
     try:
         _store_settings(out, keep, train_cfg, files)
@@ -283,7 +290,7 @@ def _check_data(manifest: dict, train_cfg: TrainConfig, marker: dict | None, all
 def resume_run(path: str | Path, out: str | Path | None = None, model_over: dict | None = None,
                train_over: dict | None = None, *, keep: int | None = None, extend_steps: int = 0,
                allow_data_change: bool = False, overwrite: bool = False, progress: bool = True,
-               stages_file: str | None = None) -> PreparedRun:
+               stages_file: str | None = None, ranks=None) -> PreparedRun:
     """Continue the run of checkpoint `path` (a run folder: its latest) in its own folder, or in
     the new folder `out` (a branch: the run's settings and metrics up to that step are copied).
     A run in stages continues its stored plan, or `stages_file` when only stages not yet begun
@@ -298,6 +305,9 @@ def resume_run(path: str | Path, out: str | Path | None = None, model_over: dict
     target = Path(out) if out is not None else source_run
     if target is None:
         raise TinyMoeError(f"{ckpt} is not inside a run folder; pass --out DIR to continue it in a new run folder")
+    if ranks is not None and not ranks.writer:  # reads the same checkpoint; rank 0 checks and writes the folder
+        return _follower(_make_trainer(model_cfg, train_cfg, target, resume=state, progress=False, keep=keep or 0,
+                                       stages=plan, ranks=ranks), target)
     in_place = source_run is not None and target.resolve() == source_run.resolve()
     marker = read_marker(source_run) if source_run is not None else None
     files, note = _check_data(manifest, train_cfg, marker, allow_data_change, begun)
@@ -310,10 +320,11 @@ def resume_run(path: str | Path, out: str | Path | None = None, model_over: dict
                                f"from it here would replace newer checkpoints; resume the latest "
                                f"(--resume {source_run}) or branch with --out NEWDIR")
         return _train_in_place(target, model_cfg, train_cfg, keep, files, note, resume=state, progress=progress,
-                               stages=plan)
+                               stages=plan, ranks=ranks)
     replace = check_output(target, "run", overwrite)  # a branch into a new (or replaced) folder
     existed_empty = target.is_dir() and not replace
-    trainer = _make_trainer(model_cfg, train_cfg, target, resume=state, progress=progress, keep=keep, stages=plan)
+    trainer = _make_trainer(model_cfg, train_cfg, target, resume=state, progress=progress, keep=keep, stages=plan,
+                            ranks=ranks)
     lock = _fresh_folder(target, replace)
     try:
         _store_settings(target, keep, train_cfg, files)
@@ -324,6 +335,16 @@ def resume_run(path: str | Path, out: str | Path | None = None, model_over: dict
         raise TinyMoeError(f"{target}: cannot write the run folder: {exc.strerror or exc}") from None
     trainer.data_files = files
     return PreparedRun(trainer, target, lock, note, created=True, existed_empty=existed_empty)
+
+
+class _NoLock:
+    def release(self) -> None:
+        pass
+
+
+def _follower(trainer, run_dir: Path) -> PreparedRun:
+    """A data-parallel rank other than 0: it trains but never locks, writes or removes the folder."""
+    return PreparedRun(trainer, run_dir, _NoLock())
 
 
 def _step_of(ckpt: Path) -> int:

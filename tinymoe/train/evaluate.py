@@ -19,14 +19,19 @@ from tinymoe.data.batches import eval_batches
 
 
 def evaluate(model, tokens: np.ndarray, byte_lengths: np.ndarray, batch_size: int, context: int,
-             max_batches: int | None = None, mask: np.ndarray | None = None) -> dict:
+             max_batches: int | None = None, mask: np.ndarray | None = None,
+             domains: np.ndarray | None = None) -> dict:
     """{"loss", "ppl", "bits_per_byte", "tokens", "loss_on"} over `tokens` (None values when it is
     empty). With a target `mask` (N,), only target tokens are scored: "tokens" counts them and
-    "loss_on" is "target"."""
+    "loss_on" is "target". With per-token `domains` (N,), the model gets each window's domain ids
+    (a run with domain experts routes them as in training, tinymoe.nn.domain)."""
     total_nats, n_tokens, n_bytes = 0.0, 0, 0
-    for batch in eval_batches(tokens, batch_size, context, max_batches, mask):
+    windows_of_domains = (eval_batches(domains, batch_size, context, max_batches) if domains is not None
+                          else iter(lambda: None, 0))  # the same windows of the domain ids, or None
+    for batch, domain_batch in zip(eval_batches(tokens, batch_size, context, max_batches, mask), windows_of_domains):
         inputs, targets = batch[0], batch[1]
-        logits, _ = model(mx.array(inputs))
+        logits, _ = model(mx.array(inputs), domains_BL=None if domain_batch is None else mx.array(domain_batch[0]))
+        logits = logits.astype(mx.float32)  # a bfloat16/float16 model's loss in float32, as in training
         if mask is None:
             nats = nn.losses.cross_entropy(logits, mx.array(targets), reduction="sum")
             n_tokens += targets.size

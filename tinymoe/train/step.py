@@ -31,6 +31,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from tinymoe.config import ModelConfig, TrainConfig
 from tinymoe.nn.dispatch import COMPILABLE
 from tinymoe.nn.model import Model
+from tinymoe.nn.domain import SECRETARY_LOSS_SCALE, secretary_terms
 from tinymoe.nn.moe import has_router_state, needs_key, update_router_state
 from tinymoe.router_registry import effective_entropy_weight
 from tinymoe.train.distill import kd_loss
@@ -45,14 +46,23 @@ class Stepper:
     """One optimizer step: grad_accum micro-batches, averaged grads, clip, the optimizer's update."""
 
     def __init__(self, model: Model, optimizer, model_cfg: ModelConfig, train: TrainConfig,
-                 compile: bool | None = None, trains=None, distill: str | None = None):
+                 compile: bool | None = None, trains=None, distill: str | None = None, scaler=None,
+                 ranks=None, domains: bool = False):
         """compile: None compiles whenever the dispatch backend allows it; False never does.
         trains: None trains every weight; else a predicate on weight names (a training stage's
         groups, tinymoe.stages.trains): the others get no update, no weight decay, no optimizer
         state change. train.loss_on "target" weights the LM loss by each batch's target mask.
         distill: the teacher cache's method (tinymoe.train.distill); batches then carry the
-        teacher's predictions and the LM loss is (1 - w) CE + w KD, w = train.distill_weight."""
-        self.model, self.optimizer, self.trains = model, optimizer, trains
+        teacher's predictions and the LM loss is (1 - w) CE + w KD, w = train.distill_weight.
+        scaler: a tinymoe.train.loss_scale.LossScaler (float16): the loss is multiplied by its
+        scale for the backward pass and the gradients divided by it, in float32.
+        ranks: the data-parallel group (tinymoe.train.distributed) whose average gradient and
+        statistics the step applies; None for a single process.
+        domains: batches end with the inputs' domain ids (a run with domain experts,
+        tinymoe.nn.domain): the loss adds train.domain_weight x the router supervision loss, and
+        the secretary's cross entropy when the model has one (its input is stop-gradient, so that
+        term trains the secretary alone)."""
+        self.model, self.optimizer, self.trains, self.ranks = model, optimizer, trains, ranks
         self.masked = train.loss_on == "target"
         self.distill = distill
         w_kd, temperature = train.distill_weight, train.distill_temperature
@@ -60,11 +70,15 @@ class Stepper:
                                                    if ".moe.router." in n)
         w_balance, w_z, clip = model_cfg.aux_loss_weight, model_cfg.z_loss_weight, train.grad_clip
         w_entropy = effective_entropy_weight(model_cfg)
+        w_domain, self.domains = train.domain_weight, domains
+        has_secretary = domains and "secretary" in model
         # Noisy/jittered routers get an explicit key per micro-batch (an input of the compiled step).
         self.seed, self.needs_key, self.router_state = train.seed, needs_key(model), has_router_state(model)
 
-        def body(x, y, m, key, teacher=None):
-            logits, aux = model(x, key=key)
+        def body(x, y, m, key, teacher=None, d=None):
+            logits, aux = model(x, key=key, domains_BL=d)
+            if logits.dtype != mx.float32:  # mixed precision: the loss in float32 (tinymoe.nn.precision)
+                logits = logits.astype(mx.float32)
             if m is None:
                 ce = nn.losses.cross_entropy(logits, y, reduction="mean")
             else:  # the mean over target tokens only (a batch without any contributes 0)
@@ -80,9 +94,21 @@ class Stepper:
             # distinct empty arrays among a compiled value_and_grad's outputs crash mx.compile (0.32).
             out = (total, ce, aux["balance_loss"], aux["z_loss"], aux["load"], aux["entropy_loss"],
                    aux["drop_rate"], aux["mean_k"])
+            if d is not None:  # (domain loss, secretary loss, rows it got right, rows labelled)
+                total = total + w_domain * aux["domain_loss"]
+                zero = mx.array(0.0)
+                secretary = secretary_terms(model, x, d) if has_secretary else (zero, zero, zero)
+                total = total + SECRETARY_LOSS_SCALE * secretary[0]
+                return (total, *out[1:], aux["domain_loss"], *secretary)
             return out + (kd,) if teacher is not None else out
 
-        if distill:
+        if domains and self.masked:
+            def loss_fn(x, y, m, d, key=None):
+                return body(x, y, m, key, None, d)
+        elif domains:
+            def loss_fn(x, y, d, key=None):
+                return body(x, y, None, key, None, d)
+        elif distill:
             masked = self.masked
 
             def loss_fn(x, y, m, t_ids, t_logp, t_rest, key=None):
@@ -94,7 +120,20 @@ class Stepper:
             def loss_fn(x, y, key=None):
                 return body(x, y, None, key)
 
+        self.scaler = scaler
+        if scaler is not None:  # the scale is the last input: a new scale needs no new trace
+            unscaled_fn = loss_fn
+
+            def loss_fn(*args):
+                out = unscaled_fn(*args[:-1])
+                return (out[0] * args[-1],) + tuple(out[1:])
+
         grad_fn = nn.value_and_grad(model, loss_fn)
+        # Experts sharded over ranks: the norm spans every rank's experts, so step() clips by it.
+        self.sharded = ranks is not None and ranks.shards_experts
+        self.clip = clip
+        if self.sharded:
+            clip = 0.0
 
         def apply(grads):
             grads, norm = optim.clip_grad_norm(grads, clip) if clip > 0 else (grads, global_norm(grads))
@@ -103,7 +142,8 @@ class Stepper:
 
         # The forward/backward can be traced unless an MoE layer reads its segment sizes on the host
         # (`grouped`); the update and the norm can be traced whatever the dispatch.
-        traceable = model.dispatch in COMPILABLE or not model.moe_layers()
+        # (Sharded experts pick their slots on the host too.)
+        traceable = (model.dispatch in COMPILABLE or not model.moe_layers()) and not self.sharded
         self.compiled = traceable and compile is not False
         # value_and_grad swaps traced arrays into the model, so its state is an output too.
         self._grad = mx.compile(grad_fn, inputs=[model.state], outputs=[model.state]) if self.compiled else grad_fn
@@ -118,6 +158,8 @@ class Stepper:
         # them would retrace whenever it does.
         self._all_finite = mx.compile(all_finite) if compile is not False and getattr(
             optimizer, "compilable", True) else all_finite
+        if self.sharded:
+            self._norm = ranks.norm
 
     def step(self, next_batches, step: int | None = None) -> dict:
         """Run one step over the (inputs, targets) micro-batches that `next_batches` yields
@@ -128,42 +170,71 @@ class Stepper:
             if step is None:  # mlx's optimizers count in an array, ours (sparse-adamw, adafactor) in an int
                 step = int(getattr(self.optimizer.step, "item", lambda: self.optimizer.step)())
             key = step_key(self.seed, step)
+            if self.ranks is not None:  # each rank its own router noise, still a function of (seed, step)
+                key = mx.random.split(key, self.ranks.size)[self.ranks.rank]
         for next_batch in next_batches:
+            if grads is not None:
+                # Evaluate the running sum before the next micro-batch: left lazy, the whole step
+                # is one graph and every micro-batch's activations are alive at once (measured:
+                # 4 x 4 sequences peaked above 8 x 1), which is what accumulation is meant to avoid.
+                mx.eval(grads, sums)
             batch = next_batch()  # (inputs, targets) or (inputs, targets, target mask)
+            domains = batch[-1] if self.domains else None  # the inputs' domain ids, last
+            batch = batch[:-1] if self.domains else batch
             args = [mx.array(batch[0]), mx.array(batch[1])]
             if self.distill:  # (inputs, targets, mask, teacher ids, log-probabilities, rest)
                 args += [mx.array(a) for a in batch[2:6]]
             elif self.masked:
                 args.append(mx.array(batch[2]) if len(batch) > 2 else mx.ones(batch[1].shape, mx.float32))
+            if domains is not None:
+                args.append(mx.array(domains))
             if self.needs_key:
                 key, sub = mx.random.split(key)
-                values, g = self._grad(*args, sub)
+                args.append(sub)
+            if self.scaler is not None:
+                scale = mx.array(self.scaler.scale, mx.float32)
+                values, g = self._grad(*args, scale)
+                values = (values[0] / scale,) + tuple(values[1:])
+                g = tree_map(lambda a: a.astype(mx.float32) / scale, g)
             else:
                 values, g = self._grad(*args)
             if self.trains is not None:  # frozen groups: no gradient reaches the optimizer
                 g = tree_unflatten([(n, a) for n, a in tree_flatten(g) if self.trains(n)])
             values = tuple(_stack_layers(v) if isinstance(v, list) else v for v in values)
-            grads = g if grads is None else tree_map(mx.add, grads, g)
+            # Low-precision gradients are summed in float32 (the update upcasts them anyway).
+            grads = g if grads is None else tree_map(lambda a, b: a.astype(mx.float32) + b, grads, g)
             sums = values if sums is None else tuple(a + b for a, b in zip(sums, values))
             n += 1
         if n > 1:
             grads = tree_map(lambda g: g / n, grads)
             sums = tuple(v / n for v in sums)
+        if self.ranks is not None:  # the ranks' average, identical on all: every rank decides and updates alike
+            grads, sums = self.ranks.average(grads, sums)
         # Checked on the host before the update: a non-finite step must leave the weights and the
         # optimizer state (moments, step count) exactly as they were, so `apply` never runs.
         norm = self._norm(grads)
         mx.eval(grads, norm, *sums)
         finite = all(math.isfinite(v.item()) for v in (sums[0], sums[1], norm))
         total, ce, balance, z, load, entropy, drop, mean_k = sums[:8]
-        rolled_back = False
+        rolled_back = overflow = False
+        if self.scaler is not None:
+            if finite:
+                self.scaler.good()
+            elif math.isfinite(sums[0].item()) and math.isfinite(sums[1].item()):
+                overflow = self.scaler.overflowed()  # False at the smallest scale: a bad step then
         if finite:
             before = self.model.parameters(), snapshot_optimizer(self.optimizer)
-            norm = self._apply(grads)
+            if self.sharded:  # clipped by the group's norm, which stays the logged one
+                self._apply(self.ranks.clip(grads, norm, self.clip))
+            else:
+                norm = self._apply(grads)
             if self.router_state and self.router_trains:  # e.g. the sigmoid-bias router's balancing bias
                 update_router_state(self.model, load)
             lr = self.optimizer.learning_rate  # set by the update: the rate it applied
             params, state = self.model.parameters(), self.optimizer.state
             ok = self._all_finite(float_leaves([params, state]))
+            if self.sharded:  # one rank's broken expert rolls every rank back
+                ok = self.ranks.all_true(ok)
             mx.eval(params, state, norm, lr, ok)
             if not ok.item():  # the update made a weight or a moment NaN/inf: undo it exactly
                 self.model.update(before[0])
@@ -177,8 +248,17 @@ class Stepper:
                "mean_k": np.array(mean_k).round(4).tolist(), "skipped": not finite}
         if self.distill:  # "loss" stays the cross entropy, comparable with runs without a teacher
             out["kd_loss"] = sums[8].item()
+        if self.domains:
+            out["domain_loss"] = sums[8].item()
+            if "secretary" in self.model:
+                out["secretary_loss"] = sums[9].item()
+                out["secretary_accuracy"] = sums[10].item() / sums[11].item() if sums[11].item() else None
         if rolled_back:
             out["rolled_back"] = True
+        if self.scaler is not None:
+            out["loss_scale"] = self.scaler.scale
+            if overflow:
+                out["overflow"] = True
         return out
 
 

@@ -38,6 +38,8 @@ from tinymoe.io import checkpoint, metrics_log
 from tinymoe.memory_check import require_train_fits
 from tinymoe.nn.lora import apply_finetune, finetune_record, saved_weights
 from tinymoe.nn.model import Model, count_params
+from tinymoe.nn.precision import cast_model, model_dtype
+from tinymoe.precision_check import checkpoint_every, uses_loss_scale
 from tinymoe.optim.factory import make_optimizer
 from tinymoe.train.evaluate import combine, evaluate
 from tinymoe.quick import MAX_STEPS_ENV, eval_batches, stop_step
@@ -46,18 +48,28 @@ from tinymoe.train.progress import ProgressBar
 from tinymoe.stages import stage_at, to_dicts
 from tinymoe.train.schedule import lr_schedule, staged_schedule
 from tinymoe.train.stages import set_capacity, stage_configs, stage_sampler, stage_validation, trains_predicate
+from tinymoe.train.loss_scale import LossScaler
+from tinymoe.train.domains import attach_run_domains, validate_domains
 from tinymoe.train.step import Stepper
+from tinymoe.data.batches import ShardedSampler
+from tinymoe.train.distributed import lost_peer, refuse_unsplittable, shard_experts
 
 
 class Trainer:
     def __init__(self, model_cfg: ModelConfig, train: TrainConfig, run_dir: Path, *,
                  resume: dict | None = None, progress: bool = True, keep: int = 0,
-                 init: dict | None = None, stages: list | None = None):
+                 init: dict | None = None, stages: list | None = None, ranks=None):
         """resume: {"manifest", "ckpt", "tokenizer", "weights", "optimizer"} from a checkpoint.
         init: {"weights", "tokenizer"}: a new run (step 0, fresh optimizer) from those weights.
         stages: a stage plan (tinymoe.stages) whose data specs are `train.data` and whose steps
-        add up to `train.steps`."""
+        add up to `train.steps`.
+        ranks: the data-parallel group (tinymoe.train.distributed): each rank trains on its rows of
+        every batch, rank 0 alone writes; None for a single process."""
         self.train, self.run_dir, self.keep, self.stages = train, Path(run_dir), keep, stages
+        self.ranks = ranks
+        self.writer = ranks is None or ranks.writer
+        if ranks is not None:
+            refuse_unsplittable(train, stages)
         mx.random.seed(train.seed)
         self.data = prepare_data(train, resume["tokenizer"] if resume else init["tokenizer"] if init else None,
                                  model_cfg.context, separate=stages is not None)
@@ -71,14 +83,21 @@ class Trainer:
         self.teacher = self._open_teacher(train, model_cfg.vocab_size, stages)
         self.cfg = model_cfg
         self.model = Model(model_cfg, train.dispatch)
+        # Domain experts (docs/domains.md): the mapping, the routing masks and the secretary.
+        self.domains = attach_run_domains(self.model, train, self.data, stages)
         if finetune is not None:
             apply_finetune(self.model, finetune)
         if init:  # tinymoe train --init: start from a checkpoint's weights (e.g. an upcycled model)
             self.model.update(tree_unflatten(list(init["weights"].items())))
             mx.eval(self.model.parameters())
+        # Mixed precision and activation checkpointing (docs/memory.md): a resumed run's saved
+        # weights are already in the dtype; the routers stay float32.
+        cast_model(self.model, train.dtype)
+        self.model.set_checkpointing(checkpoint_every(train.checkpoint_activations, model_cfg.n_layers))
+        self.scaler = LossScaler() if uses_loss_scale(train) else None
         schedule = staged_schedule(train, stages) if stages else lr_schedule(train)
         self.optimizer = make_optimizer(train.optimizer, schedule, [train.beta1, train.beta2],
-                                        train.weight_decay, train.optimizer_state_dtype)
+                                        train.weight_decay, train.optimizer_state_dtype, train.dtype)
         self.optimizer.init(self.model.trainable_parameters())
         if self.data.train_tokens.size < model_cfg.context + 1:
             raise TinyMoeError(f"{', '.join(self.data.sources)}: only {self.data.train_tokens.size} training tokens "
@@ -90,25 +109,34 @@ class Trainer:
         else:
             self.sampler = BatchSampler(self.data.train_tokens, train.batch_size, model_cfg.context, train.seed,
                                         self.data.train_mask if train.loss_on == "target" else None,
-                                        teacher=self.teacher)
+                                        teacher=self.teacher,
+                                        domains=self.data.train_domain_ids if self.domains else None)
+        if ranks is not None:  # this rank's rows of the batch one process would draw
+            self.sampler = ShardedSampler(self.sampler, ranks.rank, ranks.size)
         self.step, self.tokens_seen = 0, 0
         self.health = HealthMonitor(train.max_bad_steps, train.spike_factor, train.spike_window)
         self.last_checkpoint = None  # the newest checkpoint of this run: kept intact when we stop
         self.data_files = None  # the run's data record (tinymoe.data.record), stored in each manifest
         if resume:
             self._restore(resume)
-        self.progress = ProgressBar(train.steps, self.step, progress, train.log_every)
+        self.progress = ProgressBar(train.steps, self.step, progress and self.writer, train.log_every)
+        self.full_params = count_params(self.model)
+        if ranks is not None:  # same MLX, same data, same start: else the ranks would train apart
+            ranks.check_same(self._state_arrays(), "starting weights and optimizer state")
+            if ranks.shards_experts:  # --expert-parallel: keep this rank's experts and their state
+                shard_experts(self.model, self.optimizer, ranks, train.optimizer)
         self.stepper = self._make_stepper()
         self.compiled = self.stepper.compiled
 
     def _make_stepper(self) -> Stepper:
         if not self.stages:
             return Stepper(self.model, self.optimizer, self.cfg, self.train,
-                           distill=self.teacher.method if self.teacher is not None else None)
+                           distill=self.teacher.method if self.teacher is not None else None, scaler=self.scaler,
+                           ranks=self.ranks, domains=self.domains is not None)
         stage = self.stages[self.stage_index]
         set_capacity(self.model, stage.capacity_factor)
         model_cfg, train = stage_configs(self.cfg, self.train, stage)
-        return Stepper(self.model, self.optimizer, model_cfg, train, trains=trains_predicate(stage))
+        return Stepper(self.model, self.optimizer, model_cfg, train, trains=trains_predicate(stage), scaler=self.scaler)
 
     def _open_teacher(self, train: TrainConfig, vocab_size: int, stages):
         """The run's teacher cache (tinymoe.data.teacher_cache), checked against its data, or None."""
@@ -154,6 +182,8 @@ class Trainer:
         if self.stages is None or m.get("stages", {}).get("sampler_stage") == self.stage_index:
             self.sampler.load_state(m["data"]["sampler"])
         self.health.load_state(m.get("health", {}))
+        if self.scaler is not None and "loss_scale" in m:
+            self.scaler.load_state(m["loss_scale"])
         self.last_checkpoint = resume["ckpt"]
         mx.eval(self.model.parameters(), self.optimizer.state)
 
@@ -161,9 +191,10 @@ class Trainer:
     def run(self) -> dict:
         t = self.train
         try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._trim_metrics()
-            metrics_file = open(self.run_dir / "metrics.jsonl", "a")
+            if self.writer:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                self._trim_metrics()
+            metrics_file = open(self.run_dir / "metrics.jsonl" if self.writer else os.devnull, "a")
         except OSError as exc:
             raise TinyMoeError(f"{self.run_dir}: cannot write the run directory: {exc.strerror or exc}") from None
         last, val = {}, {}
@@ -175,7 +206,7 @@ class Trainer:
             while self.step < stop_at:
                 if self.stages and stage_at(self.stages, self.step) != self.stage_index:
                     self._enter_stage(stage_at(self.stages, self.step))
-                last = self.stepper.step((self.sampler.next_batch for _ in range(t.grad_accum)), self.step)
+                last = self._step(t.grad_accum)
                 self.step += 1
                 self.tokens_seen += t.grad_accum * t.batch_size * self.cfg.context
                 stop = self._observe(last)
@@ -196,13 +227,16 @@ class Trainer:
                 if stop:
                     raise TinyMoeError(stop)
                 if (t.eval_every and self.step % t.eval_every == 0) or self.step == stop_at:
-                    val = self.validate()
-                    if val["loss"] is not None:
+                    # Sharded experts answer only together: then every rank validates (rank 0 writes).
+                    val = self.validate() if self.writer or self.ranks.shards_experts else {}
+                    if val.get("loss") is not None:
                         metrics_file.write(dumps({"step": self.step, **stage, **{f"val_{k}": v for k, v in val.items()}})
                                            + "\n")
                         metrics_file.flush()
                         self.progress.message(f"step {self.step}: val loss {val['loss']:.4f} "
-                                              f"bits/byte {val['bits_per_byte']:.4f}")
+                                              f"bits/byte {val['bits_per_byte']:.4f}"
+                                              + (f", secretary accuracy {val['secretary_accuracy']:.3f}"
+                                                 if val.get("secretary_accuracy") is not None else ""))
                 # A scheduled save waits for a good step, so a checkpoint never lands inside a bad
                 # streak (the final step still saves: its weights are the last good ones).
                 if ((t.save_every and self.step % t.save_every == 0) and not last["skipped"]) or self.step == stop_at:
@@ -215,6 +249,8 @@ class Trainer:
         finally:
             metrics_file.close()
             self.progress.close()
+            if self.ranks is not None:
+                self.ranks.watchdog.stop()
         if self.step < t.steps and self.progress.enabled:
             print(f"stopped at step {self.step} of {t.steps} ({MAX_STEPS_ENV}={os.environ[MAX_STEPS_ENV]}); "
                   f"continue with: tinymoe train --resume {self.run_dir}", file=sys.stderr)
@@ -222,10 +258,34 @@ class Trainer:
                 "val_bits_per_byte": val.get("bits_per_byte"), "tokens_seen": self.tokens_seen,
                 "skipped_steps": self.health.skipped_steps}
 
+    def _step(self, grad_accum: int) -> dict:
+        """One optimizer step; in a data-parallel run, a lost peer becomes one line naming the
+        intact checkpoint (tinymoe.train.distributed), and the watchdog learns of the progress."""
+        if self.ranks is None:
+            return self.stepper.step((self.sampler.next_batch for _ in range(grad_accum)), self.step)
+        self.ranks.watchdog.start()
+        try:
+            last = self.stepper.step((self.sampler.next_batch for _ in range(grad_accum)), self.step)
+        except RuntimeError as exc:
+            if not lost_peer(exc):
+                raise
+            raise self.ranks.lost(exc, self.step + 1, self.last_checkpoint) from None
+        self.ranks.watchdog.beat(self.step + 1)
+        return last
+
+    def _state_arrays(self) -> list:
+        """Every weight and optimizer-state array, in a fixed order (the ranks compare them)."""
+        return [a for _, a in tree_flatten([self.model.parameters(), self.optimizer.state])
+                if isinstance(a, mx.array)]
+
     def _observe(self, last: dict) -> str | None:
         """Count a skipped step or check a loss for a spike; the stop message after too many
         skipped steps in a row (raised by the loop once the step is logged)."""
         h = self.health
+        if last.get("overflow"):  # the loss scaler's probe (tinymoe.train.loss_scale), not a bad step
+            self.progress.message(f"step {self.step}: float16 gradients overflowed, update skipped; loss scale "
+                                  f"now {last['loss_scale']:g}")
+            return None
         if not last["skipped"]:
             mean = h.good(last["loss"])
             if mean is not None:
@@ -250,6 +310,9 @@ class Trainer:
     def validate(self) -> dict:
         self.model.train(False)
         try:
+            if self.domains is not None:
+                return validate_domains(self.model, self.data, self.train, self.cfg.context,
+                                        eval_batches(self.train.eval_batches), self.domains)
             if self.stages:  # each of the stage's data on its own, so every one is scored
                 splits = stage_validation(self.data, self.stages[self.stage_index])
             else:
@@ -261,26 +324,44 @@ class Trainer:
             self.model.train(True)
 
     def save(self, metrics: dict) -> Path:
+        weights = saved_weights(self.model)  # a fine-tune's: its adapters only (the base is referenced)
+        opt_state = dict(tree_flatten(self.optimizer.state))
+        if self.ranks is not None:  # every rank: a drifted rank must not go unnoticed into a checkpoint
+            try:  # sharded experts put together: the checkpoint is the single-process one
+                weights, opt_state = self.ranks.gather_state(weights), self.ranks.gather_state(opt_state)
+                self.ranks.check_same([a for a in [*weights.values(), *opt_state.values()] if isinstance(a, mx.array)],
+                                      f"weights at step {self.step}")
+            except RuntimeError as exc:
+                if not lost_peer(exc):
+                    raise
+                raise self.ranks.lost(exc, self.step, self.last_checkpoint) from None
+            if not self.writer:  # rank 0 writes it
+                self.last_checkpoint = self.run_dir / "checkpoints" / checkpoint.step_dirname(self.step)
+                return self.last_checkpoint
         manifest = {
             "model": to_dict(self.cfg), "train": to_dict(self.train),
             "tokenizer": self.data.tokenizer.to_manifest(), "tokens_seen": self.tokens_seen,
-            "params": count_params(self.model), "dispatch": self.model.dispatch,
+            "params": self.full_params, "dispatch": self.model.dispatch,
             "data": {"sources": self.data.sources, "domains": self.data.domain_names,
                      **({"files": self.data_files} if self.data_files is not None else {}),
                      "train_tokens": int(self.data.train_tokens.size),
                      "val_tokens": int(self.data.val_tokens.size), "sampler": self.sampler.state()},
             "metrics": metrics, "health": self.health.state(),
         }
+        manifest["precision"] = {"dtype": model_dtype(self.model), "router_dtype": "float32",
+                                 "checkpoint_activations": self.train.checkpoint_activations}
+        if self.scaler is not None:
+            manifest["loss_scale"] = self.scaler.state()
         if self.stages:
             manifest["stages"] = {"plan": to_dicts(self.stages), "sampler_stage": self.stage_index}
+        if self.domains is not None:
+            manifest["domains"] = self.domains
         if self.teacher is not None:
             manifest["distill"] = {"cache": str(self.teacher.path), "digest": self.teacher.digest,
                                    "method": self.teacher.method, "k": self.teacher.k,
                                    "teacher": self.teacher.manifest["teacher"]}
         if finetune_record(self.model) is not None:
             manifest["finetune"] = finetune_record(self.model)
-        weights = saved_weights(self.model)  # a fine-tune's: its adapters only (the base is referenced)
-        opt_state = dict(tree_flatten(self.optimizer.state))
         self.last_checkpoint = checkpoint.save(self.run_dir, self.step, weights, opt_state, manifest,
                                                self.data.tokenizer, self.keep)
         return self.last_checkpoint
