@@ -26,6 +26,7 @@ gets it says so in one line instead of dying silently.
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import sys
@@ -130,6 +131,14 @@ class Ranks:
                                f"{', '.join(f'{s:.6g}' for s in sums)}): a rank stopped (see its error) or a machine "
                                f"has another tinymoe, MLX, checkpoint or data file")
 
+    def close(self) -> None:
+        """Training is over (done or failed): no watchdog, and a SIGTERM from the launcher now
+        just ends the process. Raising from the handler here would land in an exit handler
+        (MLX's own cleanup) as a traceback after the run's one line had been printed."""
+        self.watchdog.stop()
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
     def lost(self, exc: BaseException, step: int, kept) -> TinyMoeError:
         """The one line for a collective that failed because a peer is gone."""
         where = f"the last checkpoint {kept} is intact" if kept else "no checkpoint had been saved yet"
@@ -177,6 +186,9 @@ def _stop_on_sigterm(rank: int) -> None:
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, handler)
+        # Exit handlers run last-registered first: this one, before MLX's distributed cleanup,
+        # so a SIGTERM that arrives while the process is already exiting just ends it.
+        atexit.register(signal.signal, signal.SIGTERM, signal.SIG_DFL)
 
 
 class Watchdog:

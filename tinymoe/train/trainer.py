@@ -250,7 +250,7 @@ class Trainer:
             metrics_file.close()
             self.progress.close()
             if self.ranks is not None:
-                self.ranks.watchdog.stop()
+                self.ranks.close()
         if self.step < t.steps and self.progress.enabled:
             print(f"stopped at step {self.step} of {t.steps} ({MAX_STEPS_ENV}={os.environ[MAX_STEPS_ENV]}); "
                   f"continue with: tinymoe train --resume {self.run_dir}", file=sys.stderr)
