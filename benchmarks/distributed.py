@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import socket
 import statistics
 import subprocess
@@ -55,7 +54,6 @@ def run_once(layout: str, args, folder: Path) -> float:
         raise SystemExit(f"{layout}: {result.stderr.strip()[-2000:]}")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r and r["step"] > args.warmup]
-    shutil.rmtree(out)
     return statistics.median(rates)
 
 

@@ -119,10 +119,7 @@ def plan(preset, mode, batch_size, context, moe_experts, moe_topk, param_dtype, 
                             optimizer=optimizer, state_dtype=optimizer_state_dtype, checkpoint_every=every,
                             memory_gib=memory_gib or machine_gib, usable_fraction=usable_fraction or machine_fraction,
                             limit_source=limit_source)
-        if as_json:
-            print_json({"preset": preset, **result})
-        else:
-            click.echo(format_ranks(result, f"preset {preset}"))
+        _show(result, preset, as_json, format_ranks)
         return
     if fit_gib is not None:
         if mode != "train":
@@ -140,14 +137,18 @@ def plan(preset, mode, batch_size, context, moe_experts, moe_topk, param_dtype, 
                        grad_accum=train_cfg.grad_accum if mode == "train" else 1,
                        memory_gib=memory_gib or machine_gib, usable_fraction=usable_fraction or machine_fraction,
                        limit_source=limit_source)
+    _show(result, preset, as_json, format_plan)
+    if teacher_cache and mode == "train" and not as_json:
+        from tinymoe.cli.plan_distill import cache_read_lines
+
+        click.echo("\n".join(cache_read_lines(teacher_cache, batch, context or model_cfg.context)))
+
+
+def _show(result: dict, preset: str, as_json: bool, formatter) -> None:
     if as_json:
         print_json({"preset": preset, **result})
     else:
-        click.echo(format_plan(result, f"preset {preset}"))
-        if teacher_cache and mode == "train":
-            from tinymoe.cli.plan_distill import cache_read_lines
-
-            click.echo("\n".join(cache_read_lines(teacher_cache, batch, context or model_cfg.context)))
+        click.echo(formatter(result, f"preset {preset}"))
 
 
 def _fit(preset, model_cfg, memory_gib, usable_fraction, as_json, **plan_kwargs):

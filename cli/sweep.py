@@ -29,15 +29,12 @@ def _parse_grid(items) -> dict:
 
 
 def _parse_sets(items) -> dict:
-    from tinymoe.cli.train import _parse_value
+    """--set KEY=VALUE items as train reads them (known keys, values of the key's type)."""
+    from tinymoe.cli.train import _split_sets
 
-    fixed = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"--set expects KEY=VALUE, got '{item}'")
-        fixed[key] = _parse_value(raw)
-    return fixed
+    model_over, train_over = {}, {}
+    _split_sets(items, model_over, train_over)
+    return {**model_over, **train_over}
 
 
 @click.command("sweep")

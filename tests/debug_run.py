@@ -1,5 +1,5 @@
-"""Shared test helpers: a debug-preset training config over a small text file, and the check that a
-command failed with one `error:` line."""
+"""Shared test helpers: a debug-preset training config over a small text file, running a CLI
+command, and the check that a command failed with one `error:` line."""
 
 from tinymoe.config import TrainConfig, load_preset
 
@@ -27,3 +27,19 @@ def one_error_line(result, *fragments):
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
     return lines[0]
+
+
+def invoke(*args):
+    """Run `tinymoe ARGS...` in-process (arguments may be paths or numbers)."""
+    from click.testing import CliRunner
+
+    from tinymoe.cli.main import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def ok(*args):
+    """`invoke`, asserting the command succeeded."""
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    return result

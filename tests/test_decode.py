@@ -11,16 +11,11 @@ import pytest
 from click.testing import CliRunner
 from mlx.utils import tree_flatten
 
+from debug_run import ok
 from tinymoe.cli.main import cli
 from tinymoe.config import apply_overrides, load_preset
 from tinymoe.infer.sample import generate, pick_token
 from tinymoe.nn.model import Model
-
-
-def ok(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    assert result.exit_code == 0, result.output
-    return result
 
 
 def model_of(seed=0, **over):

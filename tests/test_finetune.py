@@ -9,14 +9,13 @@ import json
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 mx = pytest.importorskip("mlx.core")
 
 import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
-from tinymoe.cli.main import cli  # noqa: E402
+from debug_run import invoke as run, ok  # noqa: E402
 from test_interop import build_hf_dir, tokens_for  # noqa: E402
 
 ARCHS = {"mixtral": ("mixtral", 0), "qwen2_moe+shared": ("qwen2_moe", 1), "ernie4_5_moe+shared": ("ernie4_5_moe", 2),
@@ -25,16 +24,6 @@ ALL_TARGETS = {"mixtral": ["attention", "experts", "router"],
                "qwen2_moe+shared": ["attention", "experts", "shared", "router"],
                "ernie4_5_moe+shared": ["attention", "experts", "shared", "ffn", "router"],
                "glm4_moe": ["attention", "experts", "shared", "ffn", "router"]}
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def ok(*args):
-    result = run(*args)
-    assert result.exit_code == 0, result.output
-    return result
 
 
 def imported(tmp_path, case):

@@ -7,25 +7,14 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from mlx.utils import tree_flatten, tree_unflatten
 
-from tinymoe.cli.main import cli
+from debug_run import invoke, ok
 from tinymoe.config import ModelConfig, apply_overrides, load_preset
 from tinymoe.nn.model import Model, count_params
 from tinymoe.nn.quantize import float_weights, quantize_model, record_of
 from tinymoe.nn.quantized import BITS, GROUP_SIZES, QuantizedSwiGLUExperts
 from tinymoe.names import DISPATCH_BACKENDS
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def ok(*args):
-    result = invoke(*args)
-    assert result.exit_code == 0, result.output
-    return result
 
 
 def one_error_line(result) -> str:

@@ -190,8 +190,6 @@ def from_hf(cfg: ModelConfig, hf: dict, arch: str, where: str, quant: tuple | No
     mapping does not place is an error, so nothing is silently ignored. quant: (bits, group_size)
     of a quantized directory (tinymoe.interop.hf_quant.settings); its packed weights stay packed
     (uint32, with float32 scales and biases, under tinymoe's quantized names)."""
-    import mlx.core as mx
-
     hf = dict(hf)
     hf = {k: v for k, v in hf.items() if not k.endswith("rotary_emb.inv_freq")}  # recomputed
     if quant is not None:
@@ -248,8 +246,6 @@ def _shared_from_hf(cfg: ModelConfig, hf: dict, arch: str, where: str) -> dict:
     """Decide the shared experts from the tensors: all-zero ones (in every MoE layer) are dropped;
     Qwen2-MoE's are converted here (gate must be constant, down_proj halved); ERNIE's and GLM's
     are left in `hf` for name_map. Sets cfg.shared_experts; returns converted tinymoe tensors."""
-    import mlx.core as mx
-
     layers = [i for i in range(cfg.n_layers) if cfg.layer_is_moe(i)]
     parts = {i: _shared_tensors(hf, i, arch) for i in layers}
     if not any(parts.values()):

@@ -58,6 +58,12 @@ def _step_of(name: str) -> int:
     return int(name.split("-", 1)[1])
 
 
+def step_of(ckpt: str | Path) -> int:
+    """The step of a checkpoint directory named step-N; -1 for any other name."""
+    m = _STEP_NAME.fullmatch(Path(ckpt).name)
+    return int(m.group(1)) if m else -1
+
+
 def _write_bytes_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:

@@ -315,7 +315,7 @@ def resume_run(path: str | Path, out: str | Path | None = None, model_over: dict
         keep = (marker or {}).get("keep", 0)
     if in_place:
         newest = checkpoint.resolve(source_run)
-        if newest.resolve() != ckpt.resolve() and _step_of(newest) >= manifest["step"]:
+        if newest.resolve() != ckpt.resolve() and checkpoint.step_of(newest) >= manifest["step"]:
             raise TinyMoeError(f"{ckpt.name} is older than the run's latest checkpoint {newest.name}: continuing "
                                f"from it here would replace newer checkpoints; resume the latest "
                                f"(--resume {source_run}) or branch with --out NEWDIR")
@@ -347,11 +347,6 @@ def _follower(trainer, run_dir: Path) -> PreparedRun:
     return PreparedRun(trainer, run_dir, _NoLock())
 
 
-def _step_of(ckpt: Path) -> int:
-    try:
-        return int(ckpt.name.split("-", 1)[1])
-    except (IndexError, ValueError):
-        return -1
 
 
 def _copy_metrics(source_run: Path, target: Path, step: int) -> None:

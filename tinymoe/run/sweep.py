@@ -61,9 +61,11 @@ def run_state(run_dir: Path, steps: int) -> str:
         return "new"
     if not has_checkpoints(run_dir):
         return "restart"
-    try:
-        latest = int((run_dir / "latest").read_text().strip().split("-", 1)[1])
-    except (OSError, UnicodeDecodeError, IndexError, ValueError):
+    from tinymoe.io import checkpoint
+
+    try:  # the checkpoint `--resume` would continue from
+        latest = checkpoint.step_of(checkpoint.resolve(run_dir))
+    except TinyMoeError:
         return "resume"  # the reader will name what is wrong
     return "finished" if latest >= steps else "resume"
 
@@ -129,7 +131,7 @@ class SweepRunner:
                 self.say(f"sweep [{i + 1}/{len(self.runs)}] {run.name}: finished, skipped")
                 results.append({"name": run.name, "state": "skipped", "run_dir": str(run_dir)})
                 continue
-            start_step = _step_of(checkpoint.resolve(run_dir)) if state == "resume" else 0
+            start_step = max(0, checkpoint.step_of(checkpoint.resolve(run_dir))) if state == "resume" else 0
             self.say(f"sweep [{i + 1}/{len(self.runs)}] {run.name}: "
                      f"{'resuming at step ' + str(start_step) if state == 'resume' else 'starting'}"
                      f" ({steps} steps); {self._eta(left - flops * start_step / steps)}")
@@ -176,10 +178,3 @@ class SweepRunner:
         fields["wall_s"] = wall
         fields.pop("created", None)
         write_marker(self.out, SWEEP_KIND, **fields)
-
-
-def _step_of(ckpt: Path) -> int:
-    try:
-        return int(ckpt.name.split("-", 1)[1])
-    except (IndexError, ValueError):
-        return 0
